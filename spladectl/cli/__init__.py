@@ -1,0 +1,1 @@
+"""The `spladectl` command line: one module per command group, joined in app.py."""

@@ -1,0 +1,106 @@
+"""The settings of one training run, after profile resolution and command-line flags.
+
+`TrainConfig` is flat on purpose: it is written to OUTPUT/config.toml, read back on resume, and handed to plugins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spladectl.errors import SpladectlError
+
+
+@dataclass
+class TrainConfig:
+    # what to train on and where results go
+    model: str = "splade-tiny"
+    data: str | None = None  # None: the demo set shipped in the package
+    output_dir: str = "output"
+    # hardware, from the resolved profile
+    profile: str = "cpu"
+    device: str = "cpu"
+    precision: str = "32-true"
+    batch_size: int = 8
+    grad_accum: int = 1
+    tf32: bool = False
+    gradient_checkpointing: bool = False
+    memory_efficient_head: bool = True
+    dataloader_workers: int = 0
+    max_query_length: int = 64
+    max_doc_length: int = 256
+    # optimisation
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; None: epochs × steps per epoch
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    scheduler: str = "linear"  # linear | cosine | constant
+    max_grad_norm: float = 1.0
+    n_negatives: int = 1  # hard negatives per example used in each step
+    # SPLADE regularisation
+    lambda_q: float = 5e-4
+    lambda_d: float = 3e-4
+    flops_warmup_steps: int | None = None  # None: a third of the run
+    flops_schedule: str = "quadratic"  # quadratic | linear | constant
+    # run control
+    seed: int = 42
+    save_every: int | None = None  # optimizer steps; None: only at the end
+    keep_last: int = 2
+    log_every: int = 1
+    memory_tracking: bool = False
+    plugins: list[str] = field(default_factory=list)
+    # evaluation during training
+    eval_data: str | None = None
+    eval_split: str = "test"
+    eval_every: int | None = None
+    eval_metric: str = "nDCG@10"
+    early_stopping_patience: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, where: str = "config") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SpladectlError(f"{where}: unknown setting(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def to_toml(self) -> str:
+        """TOML for OUTPUT/config.toml; None values are left out (TOML has no null) and mean 'the default'."""
+        lines = []
+        for key, value in self.to_dict().items():
+            if value is None:
+                continue
+            lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "TrainConfig":
+        from spladectl._compat import tomllib
+
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SpladectlError(f"{path}: cannot read the run configuration ({exc})") from exc
+        return cls.from_dict(values, where=str(path))
+
+
+def _toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string

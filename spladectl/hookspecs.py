@@ -1,0 +1,87 @@
+"""The hooks a spladectl plugin can implement.
+
+Implementations may declare any subset of a hook's arguments (pluggy passes only those), so adding an argument here
+later never breaks an existing plugin. See docs/plugins.md for when each hook runs, with examples.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Generator, Mapping
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+    import typer
+
+    from spladectl.engine import LossInputs, TrainState
+
+hookspec = pluggy.HookspecMarker("spladectl")
+hookimpl = pluggy.HookimplMarker("spladectl")
+
+
+@hookspec
+def register_commands(cli: "typer.Typer") -> None:
+    """Add commands or command groups to the `spladectl` CLI."""
+
+
+@hookspec
+def register_profiles(register: Callable[..., None]) -> None:
+    """Add hardware profiles: call `register(path_or_mapping, origin="my-package")` for each TOML file or table."""
+
+
+@hookspec
+def loss_terms(inputs: "LossInputs", state: "TrainState") -> "Mapping[str, torch.Tensor] | None":
+    """Return named scalar loss terms to add to the ranking loss for this micro-batch (collected from every plugin)."""
+
+
+@hookspec(firstresult=True)
+def make_optimizer(model: "torch.nn.Module", state: "TrainState") -> "torch.optim.Optimizer | None":
+    """Build the optimizer; the first plugin to return one wins (default: AdamW with decoupled weight decay)."""
+
+
+@hookspec(firstresult=True)
+def make_lr_scheduler(
+    optimizer: "torch.optim.Optimizer", total_steps: int, state: "TrainState"
+) -> "torch.optim.lr_scheduler.LRScheduler | None":
+    """Build the LR scheduler, stepped once per optimizer step; first result wins (default: linear warm-up, decay)."""
+
+
+@hookspec(firstresult=True)
+def flops_weight(name: str, step: int, target: float, warmup_steps: int, state: "TrainState") -> float | None:
+    """The FLOPS weight for `name` ("query" or "document") at optimizer step `step`; first result wins."""
+
+
+@hookspec
+def wrap_optimizer_step(state: "TrainState") -> Generator[None, Any, Any]:
+    """Wrap one whole optimizer step (its forward/backward micro-steps and the update); use `wrapper=True` and yield."""
+
+
+@hookspec
+def on_train_start(state: "TrainState") -> None:
+    """Called once the model, optimizer and data are ready, before the first step (also after a resume)."""
+
+
+@hookspec
+def on_step_end(state: "TrainState", metrics: dict[str, Any]) -> None:
+    """Called after each optimizer step with its metrics; add keys to `metrics` to have them logged."""
+
+
+@hookspec
+def on_evaluate(state: "TrainState", metrics: dict[str, float]) -> None:
+    """Called after an evaluation during training with its retrieval metrics."""
+
+
+@hookspec
+def on_checkpoint_saved(state: "TrainState", path: str) -> None:
+    """Called after a checkpoint directory has been written completely."""
+
+
+@hookspec
+def on_train_end(state: "TrainState", status: str) -> None:
+    """Called once when training stops; `status` is "finished", "failed" or "interrupted"."""
+
+
+@hookspec
+def summary_rows(state: "TrainState") -> "list[tuple[str, str]] | None":
+    """Rows (label, value) to print in the end-of-training summary, e.g. a memory tracker's peaks."""
