@@ -6,10 +6,13 @@ traceback, and exits with `exit_code`. Anything else that escapes is a bug and k
 
 from __future__ import annotations
 
-import click
+try:  # typer >= 0.2x runs commands on its own vendored click and only catches that copy's exceptions
+    from typer._click.exceptions import ClickException
+except ImportError:  # older typer runs on click itself
+    from click import ClickException
 
 
-class SpladectlError(click.ClickException):
+class SpladectlError(ClickException):
     """A mistake in what the user gave us (a file, a flag, a profile) or a machine that cannot do what was asked."""
 
     exit_code = 2
