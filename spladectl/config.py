@@ -40,11 +40,14 @@ class TrainConfig:
     scheduler: str = "linear"  # linear | cosine | constant
     max_grad_norm: float = 1.0
     n_negatives: int = 1  # hard negatives per example used in each step
+    in_batch_negatives: bool = True  # score each query against every document of the micro-batch
     # SPLADE regularisation
     lambda_q: float = 5e-4
     lambda_d: float = 3e-4
     flops_warmup_steps: int | None = None  # None: a third of the run
     flops_schedule: str = "quadratic"  # quadratic | linear | constant
+    distillation: str = "margin-mse"  # margin-mse | kl: used when the data carries teacher scores
+    distillation_weight: float = 1.0
     # run control
     seed: int = 42
     save_every: int | None = None  # optimizer steps; None: only at the end

@@ -6,7 +6,7 @@ later never breaks an existing plugin. See docs/plugins.md for when each hook ru
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Generator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import pluggy
 
@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     import torch
     import typer
 
-    from spladectl.engine import LossInputs, TrainState
+    from spladectl.engine import TrainState
+    from spladectl.losses import LossInputs
 
 hookspec = pluggy.HookspecMarker("spladectl")
 hookimpl = pluggy.HookimplMarker("spladectl")
@@ -52,9 +53,10 @@ def flops_weight(name: str, step: int, target: float, warmup_steps: int, state: 
     """The FLOPS weight for `name` ("query" or "document") at optimizer step `step`; first result wins."""
 
 
-@hookspec
-def wrap_optimizer_step(state: "TrainState") -> Generator[None, Any, Any]:
-    """Wrap one whole optimizer step (its forward/backward micro-steps and the update); use `wrapper=True` and yield."""
+@hookspec(firstresult=True)
+def optimizer_step(state: "TrainState") -> "dict[str, Any] | None":
+    """Run one optimizer step (all its micro-batches and the update); the engine implements it, and plugins wrap it
+    with `@hookimpl(wrapper=True)` and `yield` to measure around it (memory trackers, timers)."""
 
 
 @hookspec

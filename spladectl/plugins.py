@@ -21,6 +21,8 @@ ENTRY_POINT_GROUP = "spladectl"
 ENV_VAR = "SPLADECTL_PLUGINS"
 
 DEFAULT_PLUGINS = (
+    "spladectl.default_plugins.core",
+    "spladectl.default_plugins.memory",
     "spladectl.default_plugins.optim",
     "spladectl.default_plugins.flops",
     "spladectl.default_plugins.distillation",

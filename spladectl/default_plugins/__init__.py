@@ -1,0 +1,1 @@
+"""Built-in plugins. Each is registered by spladectl.plugins exactly as an installed package would be."""

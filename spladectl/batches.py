@@ -1,0 +1,98 @@
+"""From training examples to tokenized micro-batches, in an order that a checkpoint can resume exactly.
+
+The order of an epoch is a permutation drawn from its own generator (seed + epoch), so the data position of a
+checkpoint is just (epoch, micro-batches consumed) and resuming needs no replay of the random stream.
+Tokenization runs in DataLoader workers when the profile asks for them, off the training step's critical path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from spladectl.data import Example
+
+
+@dataclass
+class MicroBatch:
+    query_ids: torch.Tensor  # (B, Tq)
+    query_mask: torch.Tensor
+    doc_ids: torch.Tensor  # (B * (1 + N), Td): each example's positive, then its N negatives
+    doc_mask: torch.Tensor
+    teacher_scores: torch.Tensor | None  # (B, 1 + N)
+    size: int  # examples in the micro-batch
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return MicroBatch(
+            move(self.query_ids), move(self.query_mask), move(self.doc_ids), move(self.doc_mask),
+            move(self.teacher_scores), self.size,
+        )
+
+
+class Collator:
+    """Tokenizes a list of examples into a MicroBatch; picklable so DataLoader workers can run it."""
+
+    def __init__(self, tokenizer, *, n_negatives: int, max_query_length: int, max_doc_length: int):
+        self.tokenizer = tokenizer
+        self.n_negatives = n_negatives
+        self.max_query_length = max_query_length
+        self.max_doc_length = max_doc_length
+
+    def _cycle(self, items: list) -> list:
+        # Examples with fewer negatives than asked reuse theirs in order: the count per example must be constant
+        # so the documents tensor stays rectangular.
+        return [items[i % len(items)] for i in range(self.n_negatives)]
+
+    def __call__(self, examples: list[Example]) -> MicroBatch:
+        queries = [e.query for e in examples]
+        docs = [text for e in examples for text in [e.positive, *self._cycle(e.negatives)]]
+        q = self.tokenizer(queries, padding=True, truncation=True, max_length=self.max_query_length, return_tensors="pt")
+        d = self.tokenizer(docs, padding=True, truncation=True, max_length=self.max_doc_length, return_tensors="pt")
+        teacher = None
+        if all(e.teacher_scores is not None for e in examples):
+            teacher = torch.tensor(
+                [[e.teacher_scores[0], *self._cycle(e.teacher_scores[1:])] for e in examples], dtype=torch.float32
+            )
+        return MicroBatch(q["input_ids"], q["attention_mask"], d["input_ids"], d["attention_mask"], teacher, len(examples))
+
+
+class _Indexed(Dataset):
+    def __init__(self, examples: list[Example], order: list[list[int]]):
+        self.examples = examples
+        self.order = order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> list[Example]:
+        return [self.examples[j] for j in self.order[i]]
+
+
+def epoch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The micro-batches of one epoch as lists of example indices; a shorter last batch is kept, not dropped."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n_examples, generator=generator).tolist()
+    return [perm[i : i + batch_size] for i in range(0, n_examples, batch_size)]
+
+
+def micro_batches(
+    examples: list[Example], collator: Collator, *, batch_size: int, seed: int, epoch: int, start: int = 0,
+    workers: int = 0,
+):
+    """Iterate the epoch's micro-batches from position `start` (micro-batches already consumed)."""
+    order = epoch_order(len(examples), batch_size, seed, epoch)[start:]
+    # Its own generator: creating a DataLoader iterator draws a seed, and drawing it from the global RNG would shift
+    # the dropout stream depending on where in an epoch a run was resumed.
+    loader = DataLoader(
+        _Indexed(examples, order), batch_size=None, shuffle=False, collate_fn=collator, num_workers=workers,
+        persistent_workers=False, prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(seed + epoch),
+    )
+    yield from loader
+
+
+def micro_batches_per_epoch(n_examples: int, batch_size: int) -> int:
+    return -(-n_examples // batch_size)

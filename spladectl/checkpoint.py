@@ -1,0 +1,111 @@
+"""Checkpoints that survive crashes and resume exactly.
+
+A checkpoint is `OUTPUT/checkpoints/step-N/`: the model (save_pretrained), and `training_state.pt` holding the
+optimizer, scheduler, scaler, RNG states, data position and the resolved config. It is written to a temporary
+directory and renamed into place, so a crash while writing never damages an existing checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spladectl.errors import CheckpointError
+
+STATE_FILE = "training_state.pt"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    # numpy's state holds an ndarray, which weights_only loading refuses; store its key as a tensor instead.
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "gauss": gauss},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def step_dirs(checkpoints: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `checkpoints`, oldest first."""
+    if not checkpoints.is_dir():
+        return []
+    found = []
+    for child in checkpoints.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def save_checkpoint(checkpoints: Path, step: int, *, encoder, state: dict[str, Any], keep_last: int | None) -> Path:
+    """Write step-`step` atomically, then prune to the newest `keep_last` checkpoints."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    final = checkpoints / f"step-{step}"
+    tmp = checkpoints / f".tmp-step-{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoder.save_pretrained(tmp)
+    payload = {"format_version": FORMAT_VERSION, "step": step, **state}
+    with open(tmp / STATE_FILE, "wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if final.exists():  # re-saving a step after a resume: move the old one aside first, then drop it
+        old = checkpoints / f".old-step-{step}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    if keep_last:
+        for _, stale in step_dirs(checkpoints)[:-keep_last]:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(spec: str, output_dir: Path) -> Path:
+    """`latest` (the newest complete checkpoint under OUTPUT/checkpoints) or a path to a step directory."""
+    if spec == "latest":
+        found = step_dirs(output_dir / "checkpoints")
+        if not found:
+            raise CheckpointError(
+                f"--resume latest: no checkpoint under {output_dir / 'checkpoints'}",
+                hint="train with --save-every N to write checkpoints, or pass a checkpoint directory",
+            )
+        return found[-1][1]
+    path = Path(spec)
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"--resume {spec}: not a checkpoint directory (no {STATE_FILE} in it)")
+    return path
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: name it, never start fresh silently
+        raise CheckpointError(f"{path / STATE_FILE}: cannot load the training state ({exc})") from exc
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path / STATE_FILE}: not a spladectl training state (format {FORMAT_VERSION})")
+    return state

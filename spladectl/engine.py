@@ -1,0 +1,324 @@
+"""The training loop: one SPLADE encoder, automatic mixed precision, gradient accumulation, exact resume.
+
+Read it top to bottom. Precision is chosen once: an autocast context (a no-op for 32-true) and a GradScaler that is
+only enabled for 16-mixed, so the step has no precision branches. Everything optional (loss terms beyond the
+ranking loss, the optimizer, the schedule, memory tracking, logging sinks) comes from plugins through hookspecs.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from spladectl import checkpoint as ckpt
+from spladectl.batches import Collator, MicroBatch, micro_batches, micro_batches_per_epoch
+from spladectl.config import TrainConfig
+from spladectl.data import Example
+from spladectl.errors import SpladectlError
+from spladectl.losses import LossInputs, active_dims, contrastive_loss
+from spladectl.model import SpladeEncoder
+from spladectl.precision import autocast_dtype
+
+
+@dataclass
+class TrainState:
+    """What plugins see of a run. `step` counts optimizer steps completed."""
+
+    config: TrainConfig
+    output_dir: Path
+    model: SpladeEncoder
+    device: torch.device
+    total_steps: int
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    scaler: torch.amp.GradScaler | None = None
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # micro-batches of the current epoch already consumed
+    skipped_steps: int = 0
+    examples_seen: int = 0
+    rank: int = 0
+    world_size: int = 1
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+    best_metric: float | None = None
+    extras: dict[str, Any] = field(default_factory=dict)  # room for plugins to keep per-run state
+    run_step: Callable[[], dict[str, Any]] | None = None  # the engine's step, called by the core optimizer_step hook
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def plan_steps(config: TrainConfig, n_examples: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    per_epoch = math.ceil(micro_batches_per_epoch(n_examples, config.batch_size) / config.grad_accum)
+    total = config.max_steps if config.max_steps is not None else per_epoch * config.epochs
+    return per_epoch, total
+
+
+class Trainer:
+    """Owns one run: build everything from the config, then `fit()`."""
+
+    def __init__(self, config: TrainConfig, examples: list[Example], *, pm, log: Callable[[str], None] = print,
+                 eval_fn: Callable[[SpladeEncoder], dict[str, float]] | None = None, progress: bool = True):
+        if not examples:
+            raise SpladectlError("the training data holds no examples")
+        self.config = config
+        self.examples = examples
+        self.pm = pm
+        self.log = log
+        self.eval_fn = eval_fn
+        self.progress = progress
+        self.output_dir = Path(config.output_dir)
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = config.tf32
+            torch.backends.cudnn.allow_tf32 = config.tf32
+
+        seed_everything(config.seed)
+        model = SpladeEncoder.from_pretrained(
+            config.model, memory_efficient_head=config.memory_efficient_head,
+            gradient_checkpointing=config.gradient_checkpointing,
+        ).to(self.device)
+        model.max_query_length, model.max_doc_length = config.max_query_length, config.max_doc_length
+        min_negatives = min(len(e.negatives) for e in examples)
+        if config.n_negatives > min_negatives:
+            # The documents tensor must be rectangular; cycling a single negative would only repeat it.
+            log(f"note: using {min_negatives} hard negative(s) per example (the data has no more for some rows)")
+            config.n_negatives = min_negatives
+        self.collator = Collator(model.tokenizer, n_negatives=config.n_negatives,
+                                 max_query_length=config.max_query_length, max_doc_length=config.max_doc_length)
+        steps_per_epoch, total = plan_steps(config, len(examples))
+        self.state = TrainState(config=config, output_dir=self.output_dir, model=model, device=self.device,
+                                total_steps=total, steps_per_epoch=steps_per_epoch)
+        self.state.optimizer = pm.hook.make_optimizer(model=model, state=self.state)
+        self.state.scheduler = pm.hook.make_lr_scheduler(optimizer=self.state.optimizer, total_steps=total,
+                                                         state=self.state)
+        self.state.scaler = torch.amp.GradScaler(self.device.type, enabled=(config.precision == "16-mixed"))
+        dtype = autocast_dtype(config.precision)
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else nullcontext
+        self.state.run_step = self._optimizer_step
+        self._batches = None
+        self._collapse_warned = False
+
+    # ----------------------------------------------------------------------------------------------- resume
+    def resume(self, path: Path) -> None:
+        state = ckpt.load_training_state(path)
+        saved = state.get("config", {})
+        for key in ("model", "batch_size", "grad_accum", "n_negatives", "seed"):
+            if key in saved and saved[key] != getattr(self.config, key):
+                raise SpladectlError(
+                    f"{path}: checkpoint was written with {key}={saved[key]!r}, this run has {getattr(self.config, key)!r}",
+                    hint="resume with the same settings, or start a new output directory",
+                )
+        # Through transformers, which knows the checkpoint's key names (it may write legacy names back).
+        saved_model = SpladeEncoder.from_pretrained(str(path), memory_efficient_head=False).model
+        try:
+            self.state.model.model.load_state_dict(saved_model.state_dict())
+        except RuntimeError as exc:
+            raise SpladectlError(f"{path}: model weights do not match {self.config.model} ({exc})") from exc
+        try:
+            self.state.optimizer.load_state_dict(state["optimizer"])
+            self.state.scheduler.load_state_dict(state["scheduler"])
+            self.state.scaler.load_state_dict(state["scaler"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise SpladectlError(f"{path}: optimizer/scheduler state does not match this run ({exc})") from exc
+        s = self.state
+        s.step, s.epoch, s.position = state["step"], state["epoch"], state["position"]
+        s.skipped_steps, s.examples_seen = state["skipped_steps"], state["examples_seen"]
+        s.best_metric = state.get("best_metric")
+        ckpt.set_rng_state(state["rng"])
+        self.log(f"resumed from {path} at step {s.step} (epoch {s.epoch}, micro-batch {s.position})")
+
+    def save_checkpoint(self) -> Path:
+        s = self.state
+        payload = {
+            "epoch": s.epoch, "position": s.position, "skipped_steps": s.skipped_steps,
+            "examples_seen": s.examples_seen, "best_metric": s.best_metric,
+            "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
+            "scaler": s.scaler.state_dict(), "rng": ckpt.rng_state(), "config": self.config.to_dict(),
+        }
+        path = ckpt.save_checkpoint(self.output_dir / "checkpoints", s.step, encoder=s.model, state=payload,
+                                    keep_last=self.config.keep_last)
+        self.pm.hook.on_checkpoint_saved(state=s, path=str(path))
+        return path
+
+    # ----------------------------------------------------------------------------------------------- data
+    def _next_micro_batch(self) -> MicroBatch:
+        s, c = self.state, self.config
+        while True:
+            if self._batches is None:
+                self._batches = iter(micro_batches(self.examples, self.collator, batch_size=c.batch_size,
+                                                   seed=c.seed, epoch=s.epoch, start=s.position,
+                                                   workers=c.dataloader_workers))
+            batch = next(self._batches, None)
+            if batch is not None:
+                s.position += 1
+                return batch
+            s.epoch, s.position, self._batches = s.epoch + 1, 0, None
+
+    def _step_micro_batches(self) -> list[MicroBatch]:
+        # An epoch's last optimizer step may have fewer micro-batches; the loss is divided by how many it has.
+        s, c = self.state, self.config
+        left_in_epoch = micro_batches_per_epoch(len(self.examples), c.batch_size) - s.position
+        if left_in_epoch == 0:
+            left_in_epoch = micro_batches_per_epoch(len(self.examples), c.batch_size)
+        return [self._next_micro_batch() for _ in range(min(c.grad_accum, left_in_epoch))]
+
+    # ----------------------------------------------------------------------------------------------- the step
+    def _optimizer_step(self) -> dict[str, Any]:
+        s, c = self.state, self.config
+        model, optimizer, scaler = s.model, s.optimizer, s.scaler
+        started = time.perf_counter()
+        batches = self._step_micro_batches()
+        totals: dict[str, torch.Tensor] = {}
+        q_dims = d_dims = 0.0
+        for batch in batches:
+            batch = batch.to(self.device)
+            with self.autocast():
+                query = model(batch.query_ids, batch.query_mask)
+                docs = model(batch.doc_ids, batch.doc_mask)
+            inputs = LossInputs.build(query.float(), docs.float().view(batch.size, -1, docs.shape[-1]),
+                                      batch.teacher_scores)
+            terms = {"ranking": contrastive_loss(inputs, in_batch=c.in_batch_negatives)}
+            for plugin_terms in self.pm.hook.loss_terms(inputs=inputs, state=s):
+                for name, value in (plugin_terms or {}).items():
+                    terms[name] = terms[name] + value if name in terms else value
+            loss = sum(terms.values())
+            scaler.scale(loss / len(batches)).backward()
+            for name, value in {"loss": loss, **terms}.items():
+                totals[name] = totals.get(name, 0.0) + value.detach() / len(batches)
+            q_dims += active_dims(inputs.query) / len(batches)
+            d_dims += active_dims(inputs.documents.reshape(-1, inputs.documents.shape[-1])) / len(batches)
+            s.examples_seen += batch.size
+
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.max_grad_norm)
+        scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+        scaler.step(optimizer)  # skipped by the scaler when a gradient overflowed
+        scaler.update()
+        skipped = scaler.is_enabled() and scaler.get_scale() < scale
+        optimizer.zero_grad(set_to_none=True)
+        lr = optimizer.param_groups[0]["lr"]
+        s.scheduler.step()
+        s.step += 1
+        s.skipped_steps += int(skipped)
+
+        metrics = {name: float(v) for name, v in totals.items()}  # the one host sync per step
+        metrics.update({
+            "step": s.step, "epoch": s.epoch, "lr": lr, "grad_norm": float(grad_norm), "loss_scale": scale,
+            "skipped": bool(skipped), "skipped_steps": s.skipped_steps, "query_dims": q_dims, "doc_dims": d_dims,
+            "examples": sum(b.size for b in batches), "step_seconds": time.perf_counter() - started,
+        })
+        return metrics
+
+    # ----------------------------------------------------------------------------------------------- the loop
+    def fit(self) -> dict[str, Any]:
+        s, c = self.state, self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        metrics_file = _open_metrics(self.output_dir / "metrics.jsonl", resumed_at=s.step)
+        s.model.train()
+        self.pm.hook.on_train_start(state=s)
+        status, patience_left = "failed", c.early_stopping_patience
+        bar = _progress(s.total_steps, s.step, enabled=self.progress)
+        window = []  # (examples, seconds) of recent steps, for a throughput that is not skewed by the first step
+        try:
+            while s.step < s.total_steps:
+                metrics = self.pm.hook.optimizer_step(state=s)
+                window = (window + [(metrics["examples"], metrics["step_seconds"])])[-20:]
+                metrics["examples_per_s"] = sum(e for e, _ in window) / max(sum(t for _, t in window), 1e-9)
+                self.pm.hook.on_step_end(state=s, metrics=metrics)
+                s.last_metrics = metrics
+                if s.is_main_process:
+                    metrics_file.write(json.dumps(metrics) + "\n")
+                    metrics_file.flush()
+                self._warn_on_collapse(metrics)
+                bar.update(1)
+                bar.set_postfix(_postfix(metrics), refresh=False)
+                if c.eval_every and self.eval_fn and s.step % c.eval_every == 0:
+                    improved = self._evaluate()
+                    if patience_left is not None:
+                        patience_left = c.early_stopping_patience if improved else patience_left - 1
+                        if patience_left <= 0:
+                            self.log(f"early stopping at step {s.step}: no {c.eval_metric} gain in "
+                                     f"{c.early_stopping_patience} evaluations")
+                            break
+                if c.save_every and s.step % c.save_every == 0 and s.step < s.total_steps:
+                    self.save_checkpoint()
+            status = "finished"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            bar.close()
+            metrics_file.close()
+            self.pm.hook.on_train_end(state=s, status=status)
+        self.save_checkpoint()
+        final = self.output_dir / "final"
+        s.model.save_pretrained(final, extra_metadata={"steps": s.step, "precision": c.precision})
+        return {"status": status, "steps": s.step, "skipped_steps": s.skipped_steps, "final": str(final),
+                "last_metrics": s.last_metrics}
+
+    def _evaluate(self) -> bool:
+        s, c = self.state, self.config
+        s.model.eval()
+        metrics = self.eval_fn(s.model)
+        s.model.train()
+        self.pm.hook.on_evaluate(state=s, metrics=metrics)
+        value = metrics.get(c.eval_metric)
+        self.log(f"step {s.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        with open(self.output_dir / "eval.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": s.step, **metrics}) + "\n")
+        if value is None or (s.best_metric is not None and value <= s.best_metric):
+            return False
+        s.best_metric = value
+        s.model.save_pretrained(self.output_dir / "best", extra_metadata={"step": s.step, c.eval_metric: value})
+        return True
+
+    def _warn_on_collapse(self, metrics: dict[str, Any]) -> None:
+        if self._collapse_warned:
+            return
+        for side in ("query", "doc"):
+            if metrics[f"{side}_dims"] < 1.0:
+                self.log(f"warning: {side} representations collapsed to {metrics[f'{side}_dims']:.2f} active "
+                         f"dimensions at step {metrics['step']}; lower --lambda-{side[0]} or lengthen the FLOPS warm-up")
+                self._collapse_warned = True
+
+
+def _open_metrics(path: Path, *, resumed_at: int):
+    """metrics.jsonl for appending; on resume, drop the lines of steps after the checkpoint (they will be redone)."""
+    if resumed_at and path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_at]
+        path.write_text("".join(line + "\n" for line in kept))
+    return open(path, "a" if resumed_at else "w")
+
+
+def _progress(total: int, initial: int, *, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def _postfix(m: dict[str, Any]) -> dict[str, str]:
+    out = {"loss": f"{m['loss']:.4f}", "lr": f"{m['lr']:.2e}", "ex/s": f"{m['examples_per_s']:.1f}"}
+    if m.get("loss_scale", 1.0) != 1.0:
+        out["scale"] = f"{m['loss_scale']:.0f}"
+    if "memory_gb" in m:
+        out["mem"] = f"{m['memory_gb']:.2f}G"
+    return out
