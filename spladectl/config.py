@@ -46,6 +46,7 @@ class TrainConfig:
     lambda_d: float = 3e-4
     flops_warmup_steps: int | None = None  # None: a third of the run
     flops_schedule: str = "quadratic"  # quadratic | linear | constant
+    regularizer: str = "flops"  # flops | l1: the sparsity term weighted by lambda_q / lambda_d
     distillation: str = "margin-mse"  # margin-mse | kl: used when the data carries teacher scores
     distillation_weight: float = 1.0
     # run control
