@@ -24,6 +24,22 @@ class MicroBatch:
     teacher_scores: torch.Tensor | None  # (B, 1 + N)
     size: int  # examples in the micro-batch
 
+    def split(self, parts: int) -> list["MicroBatch"]:
+        """Up to `parts` smaller micro-batches of the same examples (after an out-of-memory error)."""
+        if parts <= 1 or self.size <= 1:
+            return [self]
+        size = -(-self.size // parts)
+        per_example = self.doc_ids.shape[0] // self.size
+        out = []
+        for start in range(0, self.size, size):
+            stop = min(start + size, self.size)
+            rows, docs = slice(start, stop), slice(start * per_example, stop * per_example)
+            out.append(MicroBatch(
+                self.query_ids[rows], self.query_mask[rows], self.doc_ids[docs], self.doc_mask[docs],
+                None if self.teacher_scores is None else self.teacher_scores[rows], stop - start,
+            ))
+        return out
+
     def to(self, device: torch.device) -> "MicroBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return MicroBatch(

@@ -24,7 +24,7 @@ from spladectl.batches import Collator, MicroBatch, micro_batches, micro_batches
 from spladectl.config import TrainConfig
 from spladectl.data import Example
 from spladectl.errors import SpladectlError
-from spladectl.losses import LossInputs, active_dims, contrastive_loss
+from spladectl.losses import LossInputs, contrastive_loss
 from spladectl.model import SpladeEncoder
 from spladectl.precision import autocast_dtype
 
@@ -47,6 +47,7 @@ class TrainState:
     position: int = 0  # micro-batches of the current epoch already consumed
     skipped_steps: int = 0
     examples_seen: int = 0
+    split_factor: int = 1  # each loaded micro-batch runs as this many pieces after an out-of-memory retry
     rank: int = 0
     world_size: int = 1
     last_metrics: dict[str, Any] = field(default_factory=dict)
@@ -142,7 +143,7 @@ class Trainer:
         s = self.state
         s.step, s.epoch, s.position = state["step"], state["epoch"], state["position"]
         s.skipped_steps, s.examples_seen = state["skipped_steps"], state["examples_seen"]
-        s.best_metric = state.get("best_metric")
+        s.best_metric, s.split_factor = state.get("best_metric"), state.get("split_factor", 1)
         ckpt.set_rng_state(state["rng"])
         self.log(f"resumed from {path} at step {s.step} (epoch {s.epoch}, micro-batch {s.position})")
 
@@ -150,7 +151,7 @@ class Trainer:
         s = self.state
         payload = {
             "epoch": s.epoch, "position": s.position, "skipped_steps": s.skipped_steps,
-            "examples_seen": s.examples_seen, "best_metric": s.best_metric,
+            "examples_seen": s.examples_seen, "best_metric": s.best_metric, "split_factor": s.split_factor,
             "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
             "scaler": s.scaler.state_dict(), "rng": ckpt.rng_state(), "config": self.config.to_dict(),
         }
@@ -182,13 +183,10 @@ class Trainer:
         return [self._next_micro_batch() for _ in range(min(c.grad_accum, left_in_epoch))]
 
     # ----------------------------------------------------------------------------------------------- the step
-    def _optimizer_step(self) -> dict[str, Any]:
-        s, c = self.state, self.config
-        model, optimizer, scaler = s.model, s.optimizer, s.scaler
-        started = time.perf_counter()
-        batches = self._step_micro_batches()
+    def _forward_backward(self, batches: list[MicroBatch]) -> dict[str, torch.Tensor]:
+        """Accumulate the gradients of one optimizer step; returns its loss terms and sparsity, still on device."""
+        s, c, model = self.state, self.config, self.state.model
         totals: dict[str, torch.Tensor] = {}
-        q_dims = d_dims = 0.0
         for batch in batches:
             batch = batch.to(self.device)
             with self.autocast():
@@ -201,12 +199,27 @@ class Trainer:
                 for name, value in (plugin_terms or {}).items():
                     terms[name] = terms[name] + value if name in terms else value
             loss = sum(terms.values())
-            scaler.scale(loss / len(batches)).backward()
-            for name, value in {"loss": loss, **terms}.items():
+            s.scaler.scale(loss / len(batches)).backward()
+            logged = {"loss": loss, **terms, "query_dims": _active(inputs.query), "doc_dims": _active(inputs.documents)}
+            for name, value in logged.items():
                 totals[name] = totals.get(name, 0.0) + value.detach() / len(batches)
-            q_dims += active_dims(inputs.query) / len(batches)
-            d_dims += active_dims(inputs.documents.reshape(-1, inputs.documents.shape[-1])) / len(batches)
-            s.examples_seen += batch.size
+        return totals
+
+    def _optimizer_step(self) -> dict[str, Any]:
+        s, c = self.state, self.config
+        model, optimizer, scaler = s.model, s.optimizer, s.scaler
+        started = time.perf_counter()
+        batches = self._step_micro_batches()
+        while True:
+            pieces = [piece for batch in batches for piece in batch.split(s.split_factor)]
+            try:
+                totals = self._forward_backward(pieces)
+                break
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                self._recover_from_oom(pieces[0].size, exc)
+        s.examples_seen += sum(b.size for b in batches)
 
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.max_grad_norm)
@@ -223,10 +236,26 @@ class Trainer:
         metrics = {name: float(v) for name, v in totals.items()}  # the one host sync per step
         metrics.update({
             "step": s.step, "epoch": s.epoch, "lr": lr, "grad_norm": float(grad_norm), "loss_scale": scale,
-            "skipped": bool(skipped), "skipped_steps": s.skipped_steps, "query_dims": q_dims, "doc_dims": d_dims,
+            "skipped": bool(skipped), "skipped_steps": s.skipped_steps, "micro_batch": pieces[0].size,
             "examples": sum(b.size for b in batches), "step_seconds": time.perf_counter() - started,
         })
         return metrics
+
+    def _recover_from_oom(self, micro_batch: int, exc: BaseException) -> None:
+        """Halve the micro-batch and double the accumulation (same effective batch), or stop at micro-batch 1."""
+        s = self.state
+        s.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if micro_batch <= 1:
+            raise SpladectlError(
+                f"out of memory at micro-batch 1 on {self.device} ({str(exc).splitlines()[0]})",
+                hint="lower --max-doc-length, add --memory-efficient, or use a device with more memory",
+            ) from exc
+        s.split_factor *= 2
+        smaller = -(-micro_batch // 2)
+        self.log(f"out of memory at micro-batch {micro_batch}: retrying step {s.step + 1} with micro-batch "
+                 f"{smaller} and {self.config.grad_accum * s.split_factor} accumulation steps")
 
     # ----------------------------------------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
@@ -299,6 +328,19 @@ class Trainer:
                 self.log(f"warning: {side} representations collapsed to {metrics[f'{side}_dims']:.2f} active "
                          f"dimensions at step {metrics['step']}; lower --lambda-{side[0]} or lengthen the FLOPS warm-up")
                 self._collapse_warned = True
+
+
+def _active(reps: torch.Tensor) -> torch.Tensor:
+    """Average non-zero dimensions per representation, kept on device (no host sync inside the step)."""
+    return (reps.reshape(-1, reps.shape[-1]) > 0).sum(-1).float().mean()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    # CUDA raises torch.OutOfMemoryError; CPU and MPS allocators raise RuntimeErrors with these words.
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    )
 
 
 def _open_metrics(path: Path, *, resumed_at: int):

@@ -249,3 +249,39 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, pm, monkeyp
     monkeypatch.undo()
     assert checkpoint.find_checkpoint("latest", tmp_path / "out") == good
     assert checkpoint.load_training_state(good)["step"] == 1
+
+
+class OutOfMemoryAbove:
+    """Raises the allocator's out-of-memory error for micro-batches larger than `limit` (an injected OOM)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    @hookimpl
+    def loss_terms(self, inputs, state):
+        if inputs.query.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"injected: out of memory for a micro-batch of {inputs.query.shape[0]}")
+        return None
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tmp_path, pm, registered):
+    registered(OutOfMemoryAbove(limit=1))
+    said = []
+    trainer = Trainer(config(tmp_path, batch_size=4, max_steps=2), examples(), pm=pm, progress=False, log=said.append)
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["micro_batch"] for r in rows] == [1, 1]
+    assert [r["examples"] for r in rows] == [4, 4]
+    assert trainer.state.split_factor == 4
+    assert any("out of memory at micro-batch 4" in line for line in said)
+    assert any("out of memory at micro-batch 2" in line for line in said)
+
+
+def test_out_of_memory_at_micro_batch_one_stops_clearly(tmp_path, pm, registered):
+    from spladectl.errors import SpladectlError
+
+    registered(OutOfMemoryAbove(limit=0))
+    trainer = Trainer(config(tmp_path, batch_size=2, max_steps=1), examples(), pm=pm, progress=False,
+                      log=lambda _: None)
+    with pytest.raises(SpladectlError, match="out of memory at micro-batch 1"):
+        trainer.fit()

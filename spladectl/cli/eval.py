@@ -1,7 +1,168 @@
-"""`spladectl eval` (placeholder until its issue lands)."""
+"""`spladectl eval`: retrieval quality of a model on a BEIR split, optionally beside BM25."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
 
+from spladectl.errors import SpladectlError
+
+DEFAULT_MAX_QUERY_LENGTH = 64
+DEFAULT_MAX_DOC_LENGTH = 256
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("eval")(eval_command)
+
+
+def eval_command(
+    model: str = typer.Option("splade-tiny", "--model", "-m", help="Model: splade-tiny, a local directory or a hub name."),
+    data: Path = typer.Option(..., "--data", "-d", help="BEIR directory (corpus.jsonl, queries.jsonl, qrels/)."),
+    split: str = typer.Option("test", "--split", help="Qrels split to evaluate (qrels/SPLIT.tsv)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Add a baseline row: bm25."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of rows instead of a table."),
+    run_file: Optional[Path] = typer.Option(None, "--run-file", help="Write the model's TREC run here (BM25's to FILE.bm25)."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Texts per encoding batch."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="32-true or bf16-mixed (default: bf16-mixed where the hardware has native bf16)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or mps (default: the best available)."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Hardware profile to take device and precision from (default: detected)."),
+    top_k_terms: Optional[int] = typer.Option(None, "--top-k-terms", min=1, help="Keep at most this many terms per document."),
+    threshold: float = typer.Option(0.0, "--threshold", min=0.0, help="Drop document weights at or below this."),
+    max_query_length: Optional[int] = typer.Option(None, "--max-query-length", min=1, help=f"Query tokens (default: the model's, else {DEFAULT_MAX_QUERY_LENGTH})."),
+    max_doc_length: Optional[int] = typer.Option(None, "--max-doc-length", min=1, help=f"Document tokens (default: the model's, else {DEFAULT_MAX_DOC_LENGTH})."),
+    k: int = typer.Option(1000, "--k", min=1, help="Documents retrieved per query."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+) -> None:
+    """Evaluate MODEL on a BEIR split: nDCG@10, MRR@10, R@100, active dimensions and FLOPS."""
+    from spladectl.evaluate import bm25_run, compute_metrics, encoder_run, load_beir, write_trec_run
+
+    if baseline is not None and baseline.lower() != "bm25":
+        raise SpladectlError(f"--baseline: unknown baseline {baseline!r}; the only one is bm25")
+    device, precision = resolve_device_precision(profile, device, precision)
+    dataset = load_beir(data, split)
+    encoder = load_encoder(model, device)
+    max_query_length, max_doc_length = model_lengths(encoder, max_query_length, max_doc_length)
+
+    rows: list[dict[str, Any]] = []
+    result = encoder_run(encoder, dataset, precision=precision, device=device, batch_size=batch_size,
+                         max_query_length=max_query_length, max_doc_length=max_doc_length, top_k=top_k_terms,
+                         threshold=threshold, k=k, show_progress=progress)
+    seconds = result.stats["encode_docs_seconds"] + result.stats["encode_queries_seconds"] + result.stats["retrieve_seconds"]
+    rows.append({"name": model, **compute_metrics(dataset.qrels, result.run), **result.stats,
+                 "max_query_length": max_query_length, "max_doc_length": max_doc_length,
+                 "seconds": round(seconds, 2)})
+    runs = {model: result.run}
+    if baseline is not None:
+        bm25 = bm25_run(dataset, k, show_progress=progress)
+        rows.append({"name": "bm25", **compute_metrics(dataset.qrels, bm25.run), **bm25.stats,
+                     "seconds": bm25.stats["index_and_search_seconds"]})
+        runs["bm25"] = bm25.run
+    if run_file is not None:
+        write_trec_run(run_file, runs[model], model)
+        if "bm25" in runs:
+            write_trec_run(Path(f"{run_file}.bm25"), runs["bm25"], "bm25")
+
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        _print_table(rows, f"{data} · {split} · {len(dataset.queries)} queries · {len(dataset.corpus)} documents")
+
+
+def _print_table(rows: list[dict[str, Any]], title: str) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    model = rows[0]
+    caption = (f"{model['name']}: {model['precision']}, max lengths {model['max_query_length']}/"
+               f"{model['max_doc_length']} tokens; dims = active terms per query/document, FLOPS = expected "
+               "multiplications per query-document pair")
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD)
+    table.add_column("name", overflow="fold")
+    for column in ("nDCG@10", "MRR@10", "R@100", "q dims", "d dims", "FLOPS", "time s"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for row in rows:
+        sparse = "avg_flops" in row
+        table.add_row(
+            row["name"],
+            f"{row['nDCG@10']:.4f}", f"{row['MRR@10']:.4f}", f"{row['R@100']:.4f}",
+            f"{row['avg_query_dims']:.1f}" if sparse else "-",
+            f"{row['avg_doc_dims']:.1f}" if sparse else "-",
+            f"{row['avg_flops']:.2f}" if sparse else "-",
+            f"{row['seconds']:.1f}",
+        )
+    Console().print(table)
+
+
+# ---- shared with `spladectl search` -------------------------------------------------------------------------------
+
+
+def resolve_device_precision(profile: str | None, device: str | None, precision: str | None) -> tuple[str, str]:
+    """Device and precision for inference: the flags when given, else what the hardware profile resolves to.
+
+    Precision follows the profile's fallbacks: bf16-mixed on a CPU with native bf16 (AVX512-BF16/AMX) or a GPU of
+    compute capability 8.0+, 32-true otherwise. fp16 autocast is never used here: it brings nothing to inference on
+    CPU, and SPLADE's log-saturated weights overflow it more easily than bf16's.
+    """
+    from spladectl.precision import canonical_precision
+
+    if precision is not None:
+        precision = canonical_precision(precision, where="--precision")
+    flags = {key: value for key, value in (("device", device), ("precision", precision)) if value is not None}
+    try:
+        from spladectl.resolve import resolve_for_machine
+    except ImportError:  # resolve.py arrives with the profiles issue; until then, decide from the hardware alone
+        resolve_for_machine = None
+    if resolve_for_machine is not None:
+        resolved = resolve_for_machine(profile, flags=flags)
+        device, precision = resolved.device, resolved.precision
+    else:
+        device = device or _best_device()
+        precision = precision or ("bf16-mixed" if _native_bf16(device) else "32-true")
+    if precision == "16-mixed":
+        precision = "bf16-mixed" if _native_bf16(device) else "32-true"
+    return device, precision
+
+
+def _best_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _native_bf16(device: str) -> bool:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device == "cpu":
+        from spladectl.hardware import detect
+
+        return detect().has_bf16
+    return False
+
+
+def load_encoder(model: str, device: str):
+    """SpladeEncoder.from_pretrained with a one-line error for a model that is not there."""
+    from spladectl.model import SpladeEncoder
+
+    try:
+        return SpladeEncoder.from_pretrained(model, device=device)
+    except SpladectlError:
+        raise
+    except (OSError, ValueError) as exc:  # transformers: missing path, unknown hub name offline, bad config
+        raise SpladectlError(f"--model: cannot load {model!r} ({str(exc).splitlines()[0] if str(exc) else exc})") from exc
+
+
+def model_lengths(encoder, max_query_length: int | None, max_doc_length: int | None) -> tuple[int, int]:
+    """The flags, else the lengths the model was trained with (its SPLADE metadata), else 64 / 256."""
+    query = max_query_length or getattr(encoder, "max_query_length", None) or DEFAULT_MAX_QUERY_LENGTH
+    doc = max_doc_length or getattr(encoder, "max_doc_length", None) or DEFAULT_MAX_DOC_LENGTH
+    return int(query), int(doc)

@@ -139,6 +139,7 @@ def train(
     if heldout is not None:
         log("held-out quality after training …")
         result["heldout_before"], result["heldout_after"] = before, eval_fn(trainer.state.model)
+    result["summary"] = [list(row) for rows in pm.hook.summary_rows(state=trainer.state) for row in (rows or [])]
     _report(result, config, log, as_json)
 
 
@@ -188,6 +189,8 @@ def _report(result: dict, config: TrainConfig, log, as_json: bool) -> None:
         log("held-out retrieval     nDCG@10   MRR@10   R@100")
         log(f"  before training      {b['nDCG@10']:.4f}   {b['MRR@10']:.4f}   {b['R@100']:.4f}")
         log(f"  after training       {a['nDCG@10']:.4f}   {a['MRR@10']:.4f}   {a['R@100']:.4f}")
+    for label, value in result["summary"]:
+        log(f"{label:<28} {value}")
     log(f"model saved to {result['final']}")
 
 

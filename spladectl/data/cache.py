@@ -1,0 +1,74 @@
+"""Where derived data (mined negatives, encoded corpora) is cached, and writing it so a crash never leaves half a file.
+
+Caches live beside the dataset, in DATA/.spladectl-cache/, so they travel and get deleted with it; when the dataset
+directory is read-only they go to ~/.cache/spladectl/ (or $XDG_CACHE_HOME/spladectl/) instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Callable
+
+CACHE_DIR_NAME = ".spladectl-cache"
+
+
+def user_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "spladectl"
+
+
+def cache_dirs(root: str | Path, kind: str, cache_dir: str | Path | None = None) -> list[Path]:
+    """Candidate directories, preferred first: the given one alone, else ROOT/.spladectl-cache then the user's."""
+    if cache_dir is not None:
+        return [Path(cache_dir)]
+    root = Path(root)
+    fallback = user_cache_dir() / kind
+    return [root / CACHE_DIR_NAME, fallback] if writable(root) else [fallback]
+
+
+def writable(directory: Path) -> bool:
+    """Whether we may add files to the directory. Mode bits count too: root passes os.access everywhere, but a
+    dataset someone marked read-only (e.g. a shared copy) should stay untouched even then."""
+    try:
+        mode = directory.stat().st_mode
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK) and bool(mode & 0o222)
+
+
+def place_tag(root: str | Path) -> str:
+    """A short hash of the dataset's absolute path: names in a shared cache directory say which dataset they are for."""
+    return hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]
+
+
+def file_signature(path: Path) -> list:
+    stat = path.stat()
+    return [path.name, stat.st_size, stat.st_mtime_ns]
+
+
+def atomic_write(directory: Path, name: str, write: Callable[[IO[bytes]], None], *, stale_prefix: str | None = None) -> bool:
+    """Write directory/name through a temporary file and a rename; False (nothing written) when not writable.
+
+    stale_prefix: other files starting with it are older versions of this entry (their inputs changed) and are removed.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        try:
+            os.fchmod(fd, 0o644)  # mkstemp makes 0600; a cache is for everyone who reads the dataset
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+            os.replace(tmp, directory / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError:
+        return False
+    if stale_prefix:
+        for old in directory.glob(f"{stale_prefix}*"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+    return True

@@ -1,0 +1,175 @@
+"""Training examples and the file formats they come from: seed JSON, JSONL and MS MARCO-style TSV triples.
+
+Seed JSON is a list of objects, JSONL one object a line, each with
+
+    query               the query text
+    positive_document   a relevant document's text
+    negative_documents  a list of texts, or of {"document": text, "score": number} objects (may be mixed)
+    positive_score      optional teacher score of the positive (for distillation, e.g. MarginMSE)
+
+Teacher scores are all or nothing: a row gives `positive_score` and a `score` on every negative, or none of them, and
+either every row of a file has them or none has. They come out as Example.teacher_scores = [positive, *negatives].
+Other keys (ids, metadata) are ignored, so `spladectl data mine` output, which carries ids, reads back as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from spladectl.data._io import iter_json_array, iter_jsonl, iter_lines, optional_score, require_text, where
+from spladectl.errors import DataError
+
+
+@dataclass
+class Example:
+    """One (query, positive) pair with its hard negatives.
+
+    teacher_scores, when present, has 1 + len(negatives) entries: the positive's score, then each negative's, in order.
+    source is "file:line" of the row it came from, for error messages further down the pipeline.
+    """
+
+    query: str
+    positive: str
+    negatives: list[str]
+    teacher_scores: list[float] | None = None
+    source: str = ""
+
+
+def read_seed_json(path: str | Path) -> list[Example]:
+    """A JSON list of example objects (the seed trainer's format)."""
+    return _check_scores_consistent(
+        (_example(record, where(path, line)) for line, record in iter_json_array(path)), path
+    )
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """One example object per line."""
+    return _check_scores_consistent((_example(record, where(path, line)) for line, record in iter_jsonl(path)), path)
+
+
+def read_tsv_triples(path: str | Path) -> list[Example]:
+    """MS MARCO-style `query<TAB>positive<TAB>negative` lines (more negative columns allowed; CRLF tolerated).
+
+    Lines with the same query and positive become one Example whose negatives are all of theirs, in file order.
+    """
+    grouped: dict[tuple[str, str], Example] = {}
+    for number, line in iter_lines(path):
+        if not line.strip():
+            continue
+        at = where(path, number)
+        fields = line.split("\t")
+        if len(fields) < 3:
+            raise DataError(
+                f"{at}: expected 3 tab-separated columns (query, positive, negative), found {len(fields)}"
+            )
+        for column, (name, value) in enumerate(zip(_tsv_column_names(len(fields)), fields), start=1):
+            if not value.strip():
+                raise DataError(f"{at}: column {column} ({name}) is empty")
+        query, positive, *negatives = (f.strip() for f in fields)
+        example = grouped.setdefault((query, positive), Example(query, positive, [], None, at))
+        example.negatives.extend(negatives)
+    return list(grouped.values())
+
+
+def _tsv_column_names(n: int) -> list[str]:
+    return ["query", "positive"] + ["negative"] * (n - 2)
+
+
+def _example(record: Any, at: str) -> Example:
+    if not isinstance(record, dict):
+        raise DataError(f"{at}: expected an object with query, positive_document and negative_documents")
+    query = require_text(record, "query", at)
+    positive = require_text(record, "positive_document", at)
+    if "negative_documents" not in record:
+        raise DataError(f"{at}: missing field 'negative_documents'")
+    raw_negatives = record["negative_documents"]
+    if not isinstance(raw_negatives, list):
+        raise DataError(f"{at}: field 'negative_documents' must be a list")
+    negatives: list[str] = []
+    scores: list[float | None] = []
+    for i, item in enumerate(raw_negatives):
+        field = f"negative_documents[{i}]"
+        if isinstance(item, str):
+            if not item.strip():
+                raise DataError(f"{at}: {field} is empty")
+            negatives.append(item.strip())
+            scores.append(None)
+        elif isinstance(item, dict):
+            negatives.append(require_text(item, "document", f"{at}: {field}").strip())
+            scores.append(optional_score(item, "score", f"{at}: {field}"))
+        else:
+            raise DataError(f"{at}: {field} must be a string or an object with a 'document' field")
+    positive_score = optional_score(record, "positive_score", at)
+    teacher: list[float] | None = None
+    if positive_score is not None or any(s is not None for s in scores):
+        if positive_score is None:
+            raise DataError(f"{at}: negatives carry teacher scores but 'positive_score' is missing")
+        missing = [i for i, s in enumerate(scores) if s is None]
+        if missing:
+            raise DataError(
+                f"{at}: teacher scores need a 'score' on every negative (missing on negative_documents[{missing[0]}])"
+            )
+        teacher = [positive_score, *scores]  # type: ignore[list-item]
+    return Example(query.strip(), positive.strip(), negatives, teacher, at)
+
+
+def _check_scores_consistent(examples: Iterable[Example], path: str | Path) -> list[Example]:
+    """Teacher scores on some rows but not others would make distillation silently skip rows: refuse it."""
+    out: list[Example] = []
+    for example in examples:
+        if out and (example.teacher_scores is None) != (out[0].teacher_scores is None):
+            has, lacks = (example, out[0]) if example.teacher_scores is not None else (out[0], example)
+            raise DataError(
+                f"{example.source}: teacher scores on some rows only ({has.source} has them, {lacks.source} does not);"
+                " give them on every row or on none"
+            )
+        out.append(example)
+    if not out:
+        raise DataError(f"{path}: no examples")
+    return out
+
+
+def select_negatives(examples: list[Example], n_negatives: int | None) -> list[Example]:
+    """Give every example exactly n_negatives negatives (None: keep them all), deterministically.
+
+    The i-th example of a query starts i*n into its negative list and wraps around, so a query's pairs see different
+    negatives, and a list shorter than n is cycled. An example with no negatives cannot supply any: that is an error.
+    """
+    if n_negatives is None:
+        return examples
+    if n_negatives < 0:
+        raise ValueError(f"n_negatives must be >= 0, got {n_negatives}")
+    seen: dict[str, int] = {}
+    out: list[Example] = []
+    for example in examples:
+        index = seen.get(example.query, 0)
+        seen[example.query] = index + 1
+        if n_negatives == 0:
+            picks: list[int] = []
+        elif not example.negatives:
+            raise DataError(f"{example.source}: no negative documents, but {n_negatives} per example were asked for")
+        else:
+            start = index * n_negatives
+            picks = [(start + j) % len(example.negatives) for j in range(n_negatives)]
+        scores = None
+        if example.teacher_scores is not None:
+            scores = [example.teacher_scores[0]] + [example.teacher_scores[1 + p] for p in picks]
+        out.append(Example(example.query, example.positive, [example.negatives[p] for p in picks], scores,
+                           example.source))
+    return out
+
+
+def iter_records(examples: Iterable[Example]) -> Iterator[dict[str, Any]]:
+    """Examples as seed-format objects (what read_jsonl reads back)."""
+    for example in examples:
+        record: dict[str, Any] = {"query": example.query, "positive_document": example.positive}
+        if example.teacher_scores is None:
+            record["negative_documents"] = list(example.negatives)
+        else:
+            record["positive_score"] = example.teacher_scores[0]
+            record["negative_documents"] = [
+                {"document": d, "score": s} for d, s in zip(example.negatives, example.teacher_scores[1:])
+            ]
+        yield record

