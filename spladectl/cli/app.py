@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "spladectl.cli.eval",
     "spladectl.cli.search",
     "spladectl.cli.data",
+    "spladectl.cli.bench",
     "spladectl.cli.profile",
     "spladectl.cli.env",
     "spladectl.cli.plugins",
