@@ -115,7 +115,9 @@ def flops_weight(target: float, step: int, warmup_steps: int, schedule: str = "q
     quadratic: target × min(1, step/warmup)² (naver/splade), linear: target × min(1, step/warmup), constant: target.
     """
     if schedule not in FLOPS_SCHEDULES:
-        raise SpladectlError(f"flops_schedule: unknown schedule {schedule!r}; expected one of {', '.join(FLOPS_SCHEDULES)}")
+        raise SpladectlError(
+            f"flops_schedule: unknown schedule {schedule!r}; expected one of {', '.join(FLOPS_SCHEDULES)}"
+        )
     if schedule == "constant" or warmup_steps <= 0:
         return float(target)
     ratio = min(1.0, max(0, step) / warmup_steps)

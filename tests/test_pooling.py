@@ -1,0 +1,207 @@
+"""Max-first pooling and the memory-efficient head equal the naive SPLADE formula, in value and gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spladectl.pooling import efficient_splade_pool, naive_splade_pool, splade_max_pool
+
+B, T, H, V = 4, 12, 16, 300
+
+
+def _mask(kind: str) -> torch.Tensor:
+    mask = torch.ones(B, T, dtype=torch.long)
+    if kind == "right":
+        mask[1, 7:] = 0
+        mask[2, 1:] = 0  # a one-token text
+    elif kind == "left":
+        mask[0, :5] = 0
+        mask[3, :2] = 0
+    elif kind == "empty-row":
+        mask[1, :] = 0
+    return mask
+
+
+def _inputs(seed: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g, dtype=dtype, requires_grad=True)
+    # Scaled so that about half the maxima are positive: both branches of the ReLU are exercised.
+    weight = (torch.randn(V, H, generator=g, dtype=dtype) * 0.3).requires_grad_()
+    bias = (torch.randn(V, generator=g, dtype=dtype) - 1.0).requires_grad_()
+    upstream = torch.rand(B, V, generator=g, dtype=dtype)  # a generic downstream loss: sum(upstream * reps)
+    return hidden, weight, bias, upstream
+
+
+def _value_and_grads(fn, tensors, upstream):
+    out = fn(*tensors)
+    grads = torch.autograd.grad((out * upstream).sum(), tensors)
+    return out.detach(), grads
+
+
+def _assert_close(actual, expected, rtol=1e-5, floor=1e-12):
+    # Relative to the tensor's scale: gradients sum in a different order, so individual tiny entries may differ more.
+    # `floor`: the scale below which a tensor is round-off around an exact zero (e.g. attention key biases).
+    scale = expected.abs().max().clamp_min(floor)
+    assert (actual - expected).abs().max() <= rtol * scale, (actual - expected).abs().max() / scale
+
+
+@pytest.mark.parametrize("kind", ["none", "right", "left", "empty-row"])
+def test_max_first_pooling_equals_naive(kind):
+    mask = _mask(kind)
+    logits = torch.randn(B, T, V, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    upstream = torch.rand(B, V)
+    ref, (ref_grad,) = _value_and_grads(lambda x: naive_splade_pool(x, mask), [logits], upstream)
+    out, (grad,) = _value_and_grads(lambda x: splade_max_pool(x, mask), [logits], upstream)
+    assert out.dtype == torch.float32
+    _assert_close(out, ref)
+    _assert_close(grad, ref_grad)
+    if kind == "empty-row":
+        assert out[1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("kind", ["none", "right", "left", "empty-row"])
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+def test_efficient_head_equals_naive(kind, chunk_size):
+    mask = _mask(kind)
+    hidden, weight, bias, upstream = _inputs()
+
+    def naive(h, w, b):
+        return naive_splade_pool(h @ w.T + b, mask)
+
+    def efficient(h, w, b):
+        return efficient_splade_pool(h, w, b, mask, chunk_size=chunk_size)
+
+    ref, ref_grads = _value_and_grads(naive, [hidden, weight, bias], upstream)
+    out, grads = _value_and_grads(efficient, [hidden, weight, bias], upstream)
+    assert 0 < (ref > 0).float().mean() < 1  # the test exercises active and inactive terms
+    _assert_close(out, ref)
+    for grad, ref_grad in zip(grads, ref_grads):
+        _assert_close(grad, ref_grad)
+
+
+def test_efficient_head_gradcheck_fp64():
+    hidden, weight, bias, _ = _inputs(seed=3, dtype=torch.float64)
+    mask = _mask("right")
+    small = (hidden[:, :6, :4].detach().requires_grad_(), weight[:20, :4].detach().requires_grad_(),
+             bias[:20].detach().requires_grad_())
+    mask = mask[:, :6]
+    assert torch.autograd.gradcheck(lambda h, w, b: efficient_splade_pool(h, w, b, mask, chunk_size=4), small)
+
+
+def test_efficient_head_without_bias_and_frozen_weight():
+    hidden, weight, _, upstream = _inputs()
+    mask = _mask("right")
+    frozen = weight.detach()
+    ref, (ref_grad,) = _value_and_grads(lambda h: naive_splade_pool(h @ frozen.T, mask), [hidden], upstream)
+    out, (grad,) = _value_and_grads(lambda h: efficient_splade_pool(h, frozen, None, mask), [hidden], upstream)
+    _assert_close(out, ref)
+    _assert_close(grad, ref_grad)
+
+
+def _devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_is_close_to_fp32(device, dtype):
+    mask = _mask("right").to(device)
+    hidden, weight, bias, upstream = (t.detach().to(device).requires_grad_(t.requires_grad) for t in _inputs())
+    ref, ref_grads = _value_and_grads(
+        lambda h, w, b: naive_splade_pool(h @ w.T + b, mask), [hidden, weight, bias], upstream
+    )
+    with torch.autocast(device, dtype=dtype):
+        out, grads = _value_and_grads(
+            lambda h, w, b: efficient_splade_pool(h, w, b, mask), [hidden, weight, bias], upstream
+        )
+        plain = splade_max_pool(torch.nn.functional.linear(hidden, weight, bias), mask)
+    assert out.dtype == plain.dtype == torch.float32  # the loss runs in fp32
+    tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
+    _assert_close(out, ref, rtol=tol)
+    _assert_close(plain, ref, rtol=tol)
+    for grad, ref_grad, param in zip(grads, ref_grads, (hidden, weight, bias)):
+        assert grad.dtype == param.dtype  # fp32 parameters get fp32 gradients
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), ref_grad.flatten(), dim=0)
+        assert cosine > 0.99
+
+
+def _saved_bytes(fn, inputs):
+    """Bytes that autograd saves for backward while running `fn`, not counting tensors that share the inputs' memory."""
+    input_storages = {t.untyped_storage().data_ptr() for t in inputs}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in input_storages:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs)
+    return sum(saved)
+
+
+def test_efficient_head_saves_only_batch_by_vocab():
+    batch, tokens, hidden_size, vocab = 4, 128, 32, 5000
+    hidden = torch.randn(batch, tokens, hidden_size, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, requires_grad=True)
+    bias = torch.zeros(vocab, requires_grad=True)
+    mask = torch.ones(batch, tokens, dtype=torch.long)
+    mask[0, 64:] = 0
+    full_logits = batch * tokens * vocab * 4
+
+    params = [hidden, weight, bias]
+    efficient = _saved_bytes(lambda h, w, b: efficient_splade_pool(h, w, b, mask, chunk_size=32), params)
+    naive = _saved_bytes(lambda h, w, b: naive_splade_pool(h @ w.T + b, mask), params)
+    # O(B × V): the pre-activation maxima saved by relu/log1p, plus token positions (B × T); nothing B × T × V.
+    assert efficient <= 3 * batch * vocab * 4 + batch * tokens * 8
+    assert efficient < full_logits / 20
+    assert naive >= full_logits  # the reference keeps (several) full-size tensors
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from spladectl.model import SpladeEncoder
+
+    encoder = SpladeEncoder.from_pretrained("splade-tiny")
+    encoder.eval()  # no dropout: both heads must see the same network
+    return encoder
+
+
+def test_efficient_head_matches_naive_through_splade_tiny(tiny):
+    from spladectl.model import SpladeEncoder
+
+    plain = SpladeEncoder(tiny.model, tiny.tokenizer, memory_efficient_head=False)
+    assert tiny.memory_efficient_head and not plain.memory_efficient_head
+    batch = tiny.tokenize(["what causes the seasons on earth", "the tilt of the axis, not the distance to the sun, "
+                           "causes seasons", "a"], max_length=32)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert not mask.bool().all()  # padding is exercised
+    upstream = torch.rand(3, tiny.vocab_size, generator=torch.Generator().manual_seed(0))
+    params = [p for p in tiny.model.parameters() if p.requires_grad]
+
+    def run(fn):
+        out = fn()
+        return out.detach(), torch.autograd.grad((out * upstream).sum(), params, allow_unused=True)
+
+    ref, ref_grads = run(lambda: naive_splade_pool(plain.model(input_ids=ids, attention_mask=mask).logits, mask))
+    for fn in (lambda: tiny(ids, mask), lambda: plain(ids, mask)):
+        out, grads = run(fn)
+        _assert_close(out, ref)
+        for grad, ref_grad in zip(grads, ref_grads):
+            if ref_grad is None:
+                assert grad is None or grad.abs().max() == 0
+            else:
+                _assert_close(grad, ref_grad, rtol=1e-5, floor=1e-2)
+
+
+def test_splade_tiny_bf16_close_to_fp32(tiny):
+    batch = tiny.tokenize(["how do vaccines train the immune system"], max_length=16)
+    with torch.no_grad():
+        ref = tiny(**batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = tiny(**batch)
+    assert out.dtype == torch.float32
+    _assert_close(out, ref, rtol=5e-2)
+    top_ref, top_out = set(ref[0].topk(10).indices.tolist()), set(out[0].topk(10).indices.tolist())
+    assert len(top_ref & top_out) >= 8
