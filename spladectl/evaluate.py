@@ -138,7 +138,7 @@ def retrieve(
 def run_from_results(
     query_ids: Sequence[str], doc_ids: Sequence[str], indices: np.ndarray, scores: np.ndarray
 ) -> dict[str, dict[str, float]]:
-    """A run (qid -> docid -> score) from retrieve()'s arrays; documents with score <= 0 matched nothing and are left out."""
+    """A run (qid -> docid -> score) from retrieve()'s arrays; documents scoring <= 0 matched nothing: left out."""
     run: dict[str, dict[str, float]] = {}
     for qid, row_idx, row_scores in zip(query_ids, indices, scores):
         run[qid] = {doc_ids[i]: float(s) for i, s in zip(row_idx, row_scores) if s > 0}
@@ -259,7 +259,9 @@ def evaluate_encoder(
             "seconds": round(time.perf_counter() - started, 2)}
 
 
-def bm25_run(dataset: BeirDataset, k: int = 1000, *, stem: bool | None = None, show_progress: bool = False) -> RunResult:
+def bm25_run(
+    dataset: BeirDataset, k: int = 1000, *, stem: bool | None = None, show_progress: bool = False
+) -> RunResult:
     """BM25 (bm25s, see spladectl.data.bm25 for the tokenisation) over the same corpus and queries."""
     from spladectl.data import bm25
 

@@ -208,7 +208,8 @@ class SpladeEncoder(nn.Module):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
+        with _quiet_local_loading(True):  # a one-shard "Writing model shards" bar per checkpoint is noise
+            self.model.save_pretrained(path)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
         metadata = {

@@ -28,8 +28,12 @@ def mine_command(
     out: Path = typer.Option(..., "--out", "-o", help="JSONL file to write (seed format, with ids)."),
     split: str = typer.Option("train", "--split", help="Qrels split whose queries get negatives."),
     k: int = typer.Option(50, "--k", min=1, help="Negatives per query."),
-    stem: Optional[bool] = typer.Option(None, "--stem/--no-stem", help="BM25 stemming (default: when PyStemmer is installed)."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where to cache mined negatives (default: DATA/.spladectl-cache)."),
+    stem: Optional[bool] = typer.Option(
+        None, "--stem/--no-stem", help="BM25 stemming (default: when PyStemmer is installed)."
+    ),
+    cache_dir: Optional[Path] = typer.Option(
+        None, "--cache-dir", help="Where to cache mined negatives (default: DATA/.spladectl-cache)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ) -> None:

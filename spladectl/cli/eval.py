@@ -19,21 +19,38 @@ def register(app: typer.Typer) -> None:
 
 
 def eval_command(
-    model: str = typer.Option("splade-tiny", "--model", "-m", help="Model: splade-tiny, a local directory or a hub name."),
+    model: str = typer.Option(
+        "splade-tiny", "--model", "-m", help="Model: splade-tiny, a local directory or a hub name."
+    ),
     data: Path = typer.Option(..., "--data", "-d", help="BEIR directory (corpus.jsonl, queries.jsonl, qrels/)."),
     split: str = typer.Option("test", "--split", help="Qrels split to evaluate (qrels/SPLIT.tsv)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Add a baseline row: bm25."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of rows instead of a table."),
-    run_file: Optional[Path] = typer.Option(None, "--run-file", help="Write the model's TREC run here (BM25's to FILE.bm25)."),
+    run_file: Optional[Path] = typer.Option(
+        None, "--run-file", help="Write the model's TREC run here (BM25's to FILE.bm25)."
+    ),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Texts per encoding batch."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="32-true or bf16-mixed (default: bf16-mixed where the hardware has native bf16)."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="32-true or bf16-mixed (default: bf16-mixed where the hardware has native bf16)."
+    ),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or mps (default: the best available)."),
-    profile: Optional[str] = typer.Option(None, "--profile", help="Hardware profile to take device and precision from (default: detected)."),
-    top_k_terms: Optional[int] = typer.Option(None, "--top-k-terms", min=1, help="Keep at most this many terms per document."),
+    profile: Optional[str] = typer.Option(
+        None, "--profile", help="Hardware profile to take device and precision from (default: detected)."
+    ),
+    top_k_terms: Optional[int] = typer.Option(
+        None, "--top-k-terms", min=1, help="Keep at most this many terms per document."
+    ),
     threshold: float = typer.Option(0.0, "--threshold", min=0.0, help="Drop document weights at or below this."),
-    max_query_length: Optional[int] = typer.Option(None, "--max-query-length", min=1, help=f"Query tokens (default: the model's, else {DEFAULT_MAX_QUERY_LENGTH})."),
-    max_doc_length: Optional[int] = typer.Option(None, "--max-doc-length", min=1, help=f"Document tokens (default: the model's, else {DEFAULT_MAX_DOC_LENGTH})."),
+    max_query_length: Optional[int] = typer.Option(
+        None, "--max-query-length", min=1, help=f"Query tokens (default: the model's, else {DEFAULT_MAX_QUERY_LENGTH})."
+    ),
+    max_doc_length: Optional[int] = typer.Option(
+        None, "--max-doc-length", min=1, help=f"Document tokens (default: the model's, else {DEFAULT_MAX_DOC_LENGTH})."
+    ),
     k: int = typer.Option(1000, "--k", min=1, help="Documents retrieved per query."),
+    bm25_stem: Optional[bool] = typer.Option(
+        None, "--bm25-stem/--no-bm25-stem", help="Stem for the BM25 baseline (default: when PyStemmer is installed)."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ) -> None:
     """Evaluate MODEL on a BEIR split: nDCG@10, MRR@10, R@100, active dimensions and FLOPS."""
@@ -41,6 +58,8 @@ def eval_command(
 
     if baseline is not None and baseline.lower() != "bm25":
         raise SpladectlError(f"--baseline: unknown baseline {baseline!r}; the only one is bm25")
+    if run_file is not None and run_file.is_dir():  # say so now, not after minutes of encoding
+        raise SpladectlError(f"--run-file: {run_file} is a directory")
     device, precision = resolve_device_precision(profile, device, precision)
     dataset = load_beir(data, split)
     encoder = load_encoder(model, device)
@@ -50,20 +69,25 @@ def eval_command(
     result = encoder_run(encoder, dataset, precision=precision, device=device, batch_size=batch_size,
                          max_query_length=max_query_length, max_doc_length=max_doc_length, top_k=top_k_terms,
                          threshold=threshold, k=k, show_progress=progress)
-    seconds = result.stats["encode_docs_seconds"] + result.stats["encode_queries_seconds"] + result.stats["retrieve_seconds"]
+    stats = result.stats
+    seconds = stats["encode_docs_seconds"] + stats["encode_queries_seconds"] + stats["retrieve_seconds"]
     rows.append({"name": model, **compute_metrics(dataset.qrels, result.run), **result.stats,
                  "max_query_length": max_query_length, "max_doc_length": max_doc_length,
                  "seconds": round(seconds, 2)})
-    runs = {model: result.run}
+    baseline_run = None
     if baseline is not None:
-        bm25 = bm25_run(dataset, k, show_progress=progress)
+        bm25 = bm25_run(dataset, k, stem=bm25_stem, show_progress=progress)
         rows.append({"name": "bm25", **compute_metrics(dataset.qrels, bm25.run), **bm25.stats,
                      "seconds": bm25.stats["index_and_search_seconds"]})
-        runs["bm25"] = bm25.run
+        baseline_run = bm25.run
     if run_file is not None:
-        write_trec_run(run_file, runs[model], model)
-        if "bm25" in runs:
-            write_trec_run(Path(f"{run_file}.bm25"), runs["bm25"], "bm25")
+        try:
+            run_file.parent.mkdir(parents=True, exist_ok=True)
+            write_trec_run(run_file, result.run, model)
+            if baseline_run is not None:
+                write_trec_run(Path(f"{run_file}.bm25"), baseline_run, "bm25")
+        except OSError as exc:
+            raise SpladectlError(f"--run-file: cannot write {run_file} ({exc.strerror or exc})") from exc
 
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -158,7 +182,8 @@ def load_encoder(model: str, device: str):
     except SpladectlError:
         raise
     except (OSError, ValueError) as exc:  # transformers: missing path, unknown hub name offline, bad config
-        raise SpladectlError(f"--model: cannot load {model!r} ({str(exc).splitlines()[0] if str(exc) else exc})") from exc
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SpladectlError(f"--model: cannot load {model!r} ({detail})") from exc
 
 
 def model_lengths(encoder, max_query_length: int | None, max_doc_length: int | None) -> tuple[int, int]:

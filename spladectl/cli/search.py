@@ -25,15 +25,21 @@ def register(app: typer.Typer) -> None:
 
 def search_command(
     query: Optional[str] = typer.Argument(None, help="The query; without one, asks for queries until an empty line."),
-    model: str = typer.Option("splade-tiny", "--model", "-m", help="Model: splade-tiny, a local directory or a hub name."),
+    model: str = typer.Option(
+        "splade-tiny", "--model", "-m", help="Model: splade-tiny, a local directory or a hub name."
+    ),
     data: Path = typer.Option(..., "--data", "-d", help="BEIR directory (only corpus.jsonl is needed)."),
     k: int = typer.Option(10, "--k", min=1, help="Documents to show."),
     terms: int = typer.Option(20, "--terms", min=0, help="Expanded query terms to show."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per query)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Texts per encoding batch."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="32-true or bf16-mixed (default: from the hardware)."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="32-true or bf16-mixed (default: from the hardware)."
+    ),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or mps (default: the best available)."),
-    top_k_terms: Optional[int] = typer.Option(None, "--top-k-terms", min=1, help="Keep at most this many terms per document."),
+    top_k_terms: Optional[int] = typer.Option(
+        None, "--top-k-terms", min=1, help="Keep at most this many terms per document."
+    ),
     threshold: float = typer.Option(0.0, "--threshold", min=0.0, help="Drop document weights at or below this."),
     max_query_length: Optional[int] = typer.Option(None, "--max-query-length", min=1, help="Query tokens."),
     max_doc_length: Optional[int] = typer.Option(None, "--max-doc-length", min=1, help="Document tokens."),
@@ -102,7 +108,8 @@ def corpus_index(encoder, model: str, data: Path, corpus: dict[str, str], settin
         {"v": _INDEX_VERSION, "model": _model_identity(model), "root": str(Path(data).resolve()),
          "corpus": file_signature(Path(data) / "corpus.jsonl"),
          # batch size and device do not change the vectors (beyond float noise): a cache made on GPU serves a CPU
-         "settings": {key: settings[key] for key in ("max_length", "precision", "top_k", "threshold")}}, sort_keys=True, default=str,
+         "settings": {key: settings[key] for key in ("max_length", "precision", "top_k", "threshold")}},
+        sort_keys=True, default=str,
     ).encode()).hexdigest()
     prefix = f"index-{place_tag(data)}-{hashlib.sha256(model.encode()).hexdigest()[:8]}-"
     name = f"{prefix}{key[:16]}.npz"

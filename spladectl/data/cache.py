@@ -49,7 +49,9 @@ def file_signature(path: Path) -> list:
     return [path.name, stat.st_size, stat.st_mtime_ns]
 
 
-def atomic_write(directory: Path, name: str, write: Callable[[IO[bytes]], None], *, stale_prefix: str | None = None) -> bool:
+def atomic_write(
+    directory: Path, name: str, write: Callable[[IO[bytes]], None], *, stale_prefix: str | None = None
+) -> bool:
     """Write directory/name through a temporary file and a rename; False (nothing written) when not writable.
 
     stale_prefix: other files starting with it are older versions of this entry (their inputs changed) and are removed.

@@ -66,7 +66,9 @@ def beir_examples(dataset: BeirDataset, negatives: dict[str, list[str]]) -> list
     """One Example per positive qrels row, in qrels order, with the query's mined negatives."""
     unknown = sorted({d for ids in negatives.values() for d in ids} - dataset.corpus.keys())
     if unknown:  # only a hand-edited cache can do this; the cache key follows the corpus file
-        raise DataError(f"mined negatives name documents not in the corpus ({unknown[0]!r}); delete the negatives cache")
+        raise DataError(
+            f"mined negatives name documents not in the corpus ({unknown[0]!r}); delete the negatives cache"
+        )
     examples = []
     for qid, query in dataset.queries.items():
         for doc_id in dataset.positives(qid):

@@ -7,9 +7,9 @@ A mined negative is never one of the query's positives (qrels score > 0), nor a 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
-from typing import Iterable
 
 from spladectl.data import bm25
 from spladectl.data.beir import BeirDataset, load_beir, qrels_path
@@ -46,11 +46,9 @@ def mine_hard_negatives(
     for qid, row in zip(query_ids, indices):
         positives = set(dataset.positives(qid))
         positive_texts = {dataset.corpus[d] for d in positives}
-        negatives[qid] = _first(
-            (doc_ids[i] for i in row),
-            k,
-            lambda d: d not in positives and dataset.corpus[d] not in positive_texts,
-        )
+        candidates = (doc_ids[i] for i in row)
+        kept = (d for d in candidates if d not in positives and dataset.corpus[d] not in positive_texts)
+        negatives[qid] = list(itertools.islice(kept, k))
     return negatives
 
 
@@ -107,13 +105,3 @@ def _read_cache(path: Path, key: str) -> dict[str, list[str]] | None:
     if not isinstance(payload, dict) or payload.get("key") != key or not isinstance(payload.get("negatives"), dict):
         return None
     return payload["negatives"]
-
-
-def _first(items: Iterable[str], n: int, keep) -> list[str]:
-    out: list[str] = []
-    for item in items:
-        if keep(item):
-            out.append(item)
-            if len(out) == n:
-                break
-    return out
