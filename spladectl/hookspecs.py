@@ -23,34 +23,38 @@ hookimpl = pluggy.HookimplMarker("spladectl")
 
 @hookspec
 def register_commands(cli: "typer.Typer") -> None:
-    """Add commands or command groups to the `spladectl` CLI."""
+    """Add commands or command groups to the `spladectl` CLI; called once at start-up, after the built-in commands."""
 
 
 @hookspec
 def register_profiles(register: Callable[..., None]) -> None:
-    """Add hardware profiles: call `register(path_or_mapping, origin="my-package")` for each TOML file or table."""
+    """Add hardware profiles: call `register(path_or_mapping, origin="my-package")` for each TOML file or table
+    (a table needs a `name`). Called whenever the profile registry is built, after the shipped profiles."""
 
 
 @hookspec
 def loss_terms(inputs: "LossInputs", state: "TrainState") -> "Mapping[str, torch.Tensor] | None":
-    """Return named scalar loss terms to add to the ranking loss for this micro-batch (collected from every plugin)."""
+    """Return named scalar loss terms to add to the ranking loss for this micro-batch (collected from every plugin;
+    each is logged under its name). `inputs` holds query (B, V), documents (B, 1+N, V), scores, teacher_scores."""
 
 
 @hookspec(firstresult=True)
 def make_optimizer(model: "torch.nn.Module", state: "TrainState") -> "torch.optim.Optimizer | None":
-    """Build the optimizer; the first plugin to return one wins (default: AdamW with decoupled weight decay)."""
+    """Build the optimizer once, before any resume; the first plugin to return one wins (default: AdamW)."""
 
 
 @hookspec(firstresult=True)
 def make_lr_scheduler(
     optimizer: "torch.optim.Optimizer", total_steps: int, state: "TrainState"
 ) -> "torch.optim.lr_scheduler.LRScheduler | None":
-    """Build the LR scheduler, stepped once per optimizer step; first result wins (default: linear warm-up, decay)."""
+    """Build the LR scheduler, stepped once per optimizer step; first result wins (default: --scheduler, linear
+    warm-up then linear decay, cosine or constant)."""
 
 
 @hookspec(firstresult=True)
 def flops_weight(name: str, step: int, target: float, warmup_steps: int, state: "TrainState") -> float | None:
-    """The FLOPS weight for `name` ("query" or "document") at optimizer step `step`; first result wins."""
+    """The sparsity weight λ for `name` ("query" or "document") at optimizer step `step` (from 0), given the
+    configured `target` and warm-up; first result wins (default: --flops-schedule)."""
 
 
 @hookspec(firstresult=True)
@@ -61,12 +65,14 @@ def optimizer_step(state: "TrainState") -> "dict[str, Any] | None":
 
 @hookspec
 def on_train_start(state: "TrainState") -> None:
-    """Called once the model, optimizer and data are ready, before the first step (also after a resume)."""
+    """Called once the model, optimizer and data are ready, before the first step (also after a resume, with
+    `state.step` at the checkpoint's step)."""
 
 
 @hookspec
 def on_step_end(state: "TrainState", metrics: dict[str, Any]) -> None:
-    """Called after each optimizer step with its metrics; add keys to `metrics` to have them logged."""
+    """Called after each optimizer step with its metrics; keys added to `metrics` are written to metrics.jsonl
+    (after every implementation ran: a logger that wants them all is `trylast`)."""
 
 
 @hookspec
@@ -81,9 +87,10 @@ def on_checkpoint_saved(state: "TrainState", path: str) -> None:
 
 @hookspec
 def on_train_end(state: "TrainState", status: str) -> None:
-    """Called once when training stops; `status` is "finished", "failed" or "interrupted"."""
+    """Called once when training stops, also on failure; `status` is "finished", "failed" or "interrupted"."""
 
 
 @hookspec
 def summary_rows(state: "TrainState") -> "list[tuple[str, str]] | None":
-    """Rows (label, value) to print in the end-of-training summary, e.g. a memory tracker's peaks."""
+    """Rows (label, value) for the end-of-training summary (labels up to 28 characters), e.g. memory peaks;
+    collected from every plugin (`spladectl.plugins.summary_rows` flattens them)."""

@@ -383,13 +383,6 @@ def default_registry(*, env: Mapping[str, str] | None = None, plugins: bool = Tr
 
 
 def _register_plugin_profiles(register: Callable[..., str]) -> None:
-    from spladectl.errors import PluginError
-    from spladectl.plugins import hook_error, load_plugins
+    from spladectl.plugins import call_register_profiles
 
-    hook = load_plugins().hook
-    try:
-        hook.register_profiles(register=register)
-    except SpladectlError:
-        raise
-    except Exception as exc:  # a plugin's bug: name the plugin rather than show its traceback
-        raise hook_error(exc) or PluginError(f"a plugin's register_profiles hook raised {exc!r}") from exc
+    call_register_profiles(register)

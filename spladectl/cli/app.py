@@ -51,9 +51,9 @@ def root(
 def build_app() -> typer.Typer:
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(app)
-    from spladectl.plugins import load_plugins
+    from spladectl.plugins import call_register_commands, load_plugins
 
-    load_plugins().hook.register_commands(cli=app)
+    call_register_commands(app, load_plugins())
     return app
 
 

@@ -11,34 +11,39 @@ plugins_app = typer.Typer(help="List the plugins spladectl loads (SPLADECTL_PLUG
 
 
 @plugins_app.callback()
-def _default(ctx: typer.Context) -> None:
-    if ctx.invoked_subcommand is None:  # `spladectl plugins` alone behaves like `plugins list`
-        list_plugins(all_=False, as_json=False)
+def _default(
+    ctx: typer.Context,
+    all_: bool = typer.Option(False, "--all", help="Include the built-in plugins."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List the plugins spladectl loads; `spladectl plugins [--all] [--json]` is `spladectl plugins list`."""
+    if ctx.invoked_subcommand is None:
+        list_plugins(all_=all_, as_json=as_json)
 
 
 @plugins_app.command("list")
 def list_plugins(
     all_: bool = typer.Option(False, "--all", help="Include the built-in plugins."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of objects with name and builtin."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of objects (name, builtin, source, "
+                                                       "distribution, version, hooks)."),
 ) -> None:
     """List installed (and with --all, built-in) plugins with their distribution, version and hooks."""
-    from spladectl.plugins import describe_plugins
+    from spladectl.plugins import ENV_VAR, describe_plugins, load_plugins
 
     rows = describe_plugins(include_builtin=all_)
+    for name in load_plugins().unmatched_selection:
+        typer.echo(f"note: {ENV_VAR} names {name!r}, which is not an installed plugin", err=True)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     if not rows:
-        typer.echo("No third-party plugins loaded (see --all for built-ins; SPLADECTL_PLUGINS selects installed ones).")
+        typer.echo(f"No installed plugins loaded ({ENV_VAR} selects them; --all also lists the built-ins).")
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("name", "builtin", "distribution", "version", "hooks")
     for row in rows:
-        table.add_row(row["name"], "yes" if row["builtin"] else "no", row["distribution"], row["version"],
-                      ", ".join(row["hooks"]))
-    Console().print(table)
+        origin = "built-in" if row["builtin"] else row["source"]
+        dist = f"{row['distribution']} {row['version']}".strip() or "-"
+        typer.echo(f"{row['name']}  ({dist}, {origin})")
+        typer.echo(f"    hooks: {', '.join(row['hooks']) or '-'}")
 
 
 def register(app: typer.Typer) -> None:

@@ -114,7 +114,9 @@ def train(
 
     from spladectl.engine import Trainer
 
-    trainer = Trainer(config, examples, pm=pm, log=log, eval_fn=eval_fn if eval_every else None, progress=progress)
+    with plugin_registry.naming_plugin_errors(pm):
+        trainer = Trainer(config, examples, pm=pm, log=log, eval_fn=eval_fn if eval_every else None,
+                          progress=progress)
     before = None
     if heldout is not None:
         log("held-out quality before training …")
@@ -122,24 +124,20 @@ def train(
     if resume:
         from spladectl.checkpoint import find_checkpoint
 
-        trainer.resume(find_checkpoint(resume, output_dir))
+        with plugin_registry.naming_plugin_errors(pm):
+            trainer.resume(find_checkpoint(resume, output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.toml").write_text(config.to_toml())
 
     started = time.perf_counter()
-    try:
+    with plugin_registry.naming_plugin_errors(pm):
         result = trainer.fit()
-    except Exception as exc:
-        culprit = plugin_registry.hook_error(exc)
-        if culprit is not None:
-            raise culprit from exc
-        raise
     result["train_seconds"] = round(time.perf_counter() - started, 2)
     result["examples_per_s"] = trainer.state.examples_seen / max(result["train_seconds"], 1e-9)
     if heldout is not None:
         log("held-out quality after training …")
         result["heldout_before"], result["heldout_after"] = before, eval_fn(trainer.state.model)
-    result["summary"] = [list(row) for rows in pm.hook.summary_rows(state=trainer.state) for row in (rows or [])]
+    result["summary"] = [list(row) for row in plugin_registry.summary_rows(trainer.state, pm)]
     _report(result, config, log, as_json)
 
 

@@ -1,0 +1,127 @@
+"""`spladectl bench`: real (tiny) training steps per precision, the max-batch search, errors, the plot."""
+
+from __future__ import annotations
+
+import json
+
+import psutil
+import pytest
+
+from spladectl.bench import parse_precisions, search_max_batch
+from spladectl.errors import SpladectlError
+
+SMALL = ("--steps", "2", "--warmup", "1", "--batch-size", "2", "--max-doc-length", "32", "--max-query-length", "16",
+         "--threads", "1")
+
+
+def _rows(result) -> list[dict]:
+    assert result.exit_code == 0, result.output
+    # stdout holds only the JSON; progress went to stderr
+    return json.loads(result.stdout)
+
+
+def test_bench_json_rows_per_precision(cli):
+    # The default: each precision in its own process (its own peak memory)
+    rows = _rows(cli("bench", *SMALL, "--precisions", "32-true,bf16-mixed", "--json"))
+    assert [r["precision"] for r in rows] == ["32-true", "bf16-mixed"]
+    by = {r["precision"]: r for r in rows}
+    assert by["32-true"]["status"] == "ok"
+    assert by["32-true"]["speedup"] == 1.0
+    for row in rows:
+        if row["status"] == "skipped":  # a CPU without native bf16
+            assert row["precision"] == "bf16-mixed" and row["reason"] and row["examples_per_s"] is None
+            continue
+        assert row["examples_per_s"] > 0
+        assert row["median_step_s"] > 0 and row["batch_size"] == 2 and row["steps"] == 2
+        assert row["peak_memory_gb"] > 0 and row["memory_kind"] == "RSS"
+        assert row["step_flops"] > 0 and row["flops_source"] == "FlopCounterMode"
+        assert row["matmul_peak_flops_per_s"] > 0 and 0 < row["matmul_share"] < 1.5
+        assert row["optimizer"].startswith("AdamW")
+
+
+def test_table_on_stdout_progress_on_stderr_and_a_png_plot(cli, tmp_path):
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "bench.png"
+    result = cli("bench", *SMALL, "--steps", "1", "--precisions", "32-true", "--in-process", "--plot", str(target))
+    assert result.exit_code == 0, result.output
+    assert "32-true: step 1/1" in result.stderr and "plot written" in result.stderr
+    assert "examples/s" in result.stdout and "matmul peak" in result.stdout
+    assert "step 1/1" not in result.stdout
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_precision_is_a_clear_error(cli):
+    result = cli("bench", "--precisions", "32-true,fp8", "--json")
+    assert result.exit_code == 2
+    assert "--precisions" in result.output and "fp8" in result.output and "bf16-mixed" in result.output
+
+
+def test_parse_precisions_aliases_and_repeats():
+    assert parse_precisions("fp32, bf16,32-true,fp16") == ["32-true", "bf16-mixed", "16-mixed"]
+    with pytest.raises(SpladectlError):
+        parse_precisions(" , ")
+
+
+def test_find_max_batch_respects_a_small_budget(cli):
+    # A real RSS budget: what this process holds now plus 150 MiB. A step at --max-doc-length 32 adds well under
+    # that at batch 2 and a few MiB per example more, so the search must find a batch >= 2 and stop below it.
+    budget = psutil.Process().memory_info().rss / 2**30 + 0.15
+    result = cli("bench", *SMALL, "--steps", "1", "--precisions", "bf16-mixed", "--in-process", "--find-max-batch",
+                 "--memory-budget", f"{budget:.3f}", "--json")
+    (row,) = _rows(result)
+    if row["status"] == "skipped":
+        pytest.skip(row["reason"])
+    best = row["max_batch_size"]
+    assert best is not None and best >= 2
+    assert row["memory_budget_gb"] == pytest.approx(budget, abs=1e-3)
+    probes = row["max_batch_probes"]
+    fitting = [p for p in probes if p["fits"]]
+    assert fitting and all(p["peak_gb"] <= budget for p in fitting)
+    assert max(p["batch_size"] for p in fitting) == best
+    # the search stopped because a larger batch went over the budget (not because it ran out of batches to try)
+    assert any(not p["fits"] and p["batch_size"] > best for p in probes)
+    for p in probes:
+        if not p["fits"] and p["peak_gb"] is not None:
+            assert p["peak_gb"] > budget or "out of memory" in p["why"]
+
+
+def test_search_max_batch_doubles_then_bisects():
+    limit = 37  # the largest batch that "fits"
+    calls = []
+
+    def probe(b):
+        calls.append(b)
+        return b <= limit, float(b * 2**20), "" if b <= limit else "over"
+
+    best, probes = search_max_batch(probe, 4, budget=limit * 2**20 * 1.0)
+    assert calls[:4] == [4, 8, 16, 32]
+    # 64 would need ~64 MiB by extrapolation, far over the 37 MiB budget: recorded, not run; then bisection
+    assert probes[4] == {"batch_size": 64, "fits": False, "peak_gb": None, "predicted_gb": 0.062,
+                         "why": "predicted over budget (not run)"}
+    assert calls[4:] and all(32 < b < 64 for b in calls[4:])
+    assert best >= 32 and best <= limit and limit - best <= max(1, best // 8)
+
+
+def test_search_max_batch_halves_when_the_start_does_not_fit():
+    best, probes = search_max_batch(lambda b: (b <= 3, float(b), ""), 16, budget=3.0)
+    assert best == 3 and [p["batch_size"] for p in probes][:4] == [16, 8, 4, 2]
+    assert search_max_batch(lambda b: (False, None, "oom"), 4, budget=1.0)[0] is None
+
+
+def test_search_max_batch_skips_probes_predicted_far_over_budget():
+    # 1 GiB + 1 GiB per example: batch 4 fits a 6 GiB budget, 8 would need ~9 GiB (> 1.25 × 6): not run.
+    ran = []
+
+    def probe(b):
+        ran.append(b)
+        peak = float((1 + b) * 2**30)
+        return peak <= 6 * 2**30, peak, ""
+
+    best, probes = search_max_batch(probe, 2, budget=6 * 2**30)
+    assert best == 5
+    assert 8 not in ran and any(p["why"].startswith("predicted") for p in probes)
+
+
+def test_plot_into_a_missing_directory_fails_before_running(cli, tmp_path):
+    result = cli("bench", "--precisions", "32-true", "--plot", str(tmp_path / "nope" / "b.png"))
+    assert result.exit_code == 2 and "--plot: directory" in result.output
