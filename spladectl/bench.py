@@ -533,7 +533,10 @@ def search_max_batch(probe: Callable[[int], tuple[bool, float | None, str]], sta
 
 
 def find_max_batch(settings: BenchSettings, precision: str, make_examples: Callable[[int], list], pm, log: Log,
-                   workdir: str) -> dict[str, Any]:
+                   workdir: str, *, own_process: bool = False) -> dict[str, Any]:
+    """The max-batch search of one precision. `own_process`: this process exists only for the bench, so glibc may
+    be told to return freed memory at once (see return_freed_memory_promptly); otherwise probes after a larger one
+    can be charged for memory it left resident, which only makes the answer more cautious."""
     device = torch.device(settings.device)
     budget_gb = settings.memory_budget_gb or default_memory_budget(device)
     budget = budget_gb * 2**30
@@ -570,7 +573,7 @@ def find_max_batch(settings: BenchSettings, precision: str, make_examples: Calla
             return False, peak, f"peak {peak / 2**30:.3f} GiB over the {budget_gb:.3f} GiB budget"
         return True, peak, ""
 
-    if device.type == "cpu":
+    if device.type == "cpu" and own_process:
         return_freed_memory_promptly()
     log(f"  {precision}: largest batch within {budget_gb:.2f} GiB ({memory_kind(device)})")
     best, probes = search_max_batch(probe, settings.batch_size, budget, log=log)
@@ -581,7 +584,8 @@ def find_max_batch(settings: BenchSettings, precision: str, make_examples: Calla
 
 # ------------------------------------------------------------------------------------------------ the bench
 
-def bench_one(settings: BenchSettings, precision: str, *, log: Log = lambda _: None, pm=None) -> dict[str, Any]:
+def bench_one(settings: BenchSettings, precision: str, *, log: Log = lambda _: None, pm=None,
+              own_process: bool = False) -> dict[str, Any]:
     """The row of one (supported) precision: timed steps, FLOPs, matmul peak, and the max-batch search if asked.
     A precision that fails with a runtime error (an op without a kernel, out of memory) gives a "failed" row."""
     if pm is None:
@@ -592,12 +596,12 @@ def bench_one(settings: BenchSettings, precision: str, *, log: Log = lambda _: N
     if settings.threads:
         torch.set_num_threads(settings.threads)
     try:
-        return _bench_one(settings, precision, log, pm)
+        return _bench_one(settings, precision, log, pm, own_process)
     finally:
         torch.set_num_threads(threads_before)  # an in-process caller keeps its own setting
 
 
-def _bench_one(settings: BenchSettings, precision: str, log: Log, pm) -> dict[str, Any]:
+def _bench_one(settings: BenchSettings, precision: str, log: Log, pm, own_process: bool) -> dict[str, Any]:
     device = torch.device(settings.device)
     tokenizer = load_tokenizer(settings.model)
     pool: list = []
@@ -620,7 +624,8 @@ def _bench_one(settings: BenchSettings, precision: str, log: Log, pm) -> dict[st
         try:
             row = bench_precision(settings, precision, make_examples(needed), pm, log, workdir, {})
             if settings.find_max_batch:
-                row.update(find_max_batch(settings, precision, make_examples, pm, log, workdir))
+                row.update(find_max_batch(settings, precision, make_examples, pm, log, workdir,
+                                          own_process=own_process))
         except SpladectlError:
             raise
         except (RuntimeError, NotImplementedError) as exc:  # one precision failing must not hide the others
@@ -719,7 +724,7 @@ def _child_main() -> int:
     settings = BenchSettings(**request["settings"])
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     try:
-        row = bench_one(settings, request["precision"], log=log)
+        row = bench_one(settings, request["precision"], log=log, own_process=True)
     except SpladectlError as exc:
         log(f"Error: {exc.format_message()}".splitlines()[0])
         return 2

@@ -66,9 +66,10 @@ class MemoryTracker:
             peaks = self.sampler.stop()
         if metrics is not None:
             for key, value in peaks.items():
-                metrics[f"{key}_gb"] = round(memory.gib(value), 4)
-                if key not in self.peaks or value > self.peaks[key][0] * 2**30:
-                    self.peaks[key] = (memory.gib(value), state.step)
+                gb = round(memory.gib(value), 4)  # the summary shows exactly what metrics.jsonl holds
+                metrics[f"{key}_gb"] = gb
+                if key not in self.peaks or gb > self.peaks[key][0]:
+                    self.peaks[key] = (gb, state.step)
         return metrics
 
     @hookimpl
