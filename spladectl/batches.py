@@ -7,6 +7,7 @@ Tokenization runs in DataLoader workers when the profile asks for them, off the 
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -49,29 +50,37 @@ class MicroBatch:
 
 
 class Collator:
-    """Tokenizes a list of examples into a MicroBatch; picklable so DataLoader workers can run it."""
+    """Tokenizes examples into a MicroBatch; picklable so DataLoader workers can run it.
 
-    def __init__(self, tokenizer, *, n_negatives: int, max_query_length: int, max_doc_length: int):
+    An example with more negatives than a step uses (BM25 mining keeps 50) contributes a different sample of them each
+    epoch, drawn from (seed, epoch, example index) alone so that a resumed run draws the same ones.
+    """
+
+    def __init__(self, tokenizer, *, n_negatives: int, max_query_length: int, max_doc_length: int, seed: int = 0):
         self.tokenizer = tokenizer
         self.n_negatives = n_negatives
         self.max_query_length = max_query_length
         self.max_doc_length = max_doc_length
+        self.seed = seed
+        self.epoch = 0
 
-    def _cycle(self, items: list) -> list:
-        # Examples with fewer negatives than asked reuse theirs in order: the count per example must be constant
-        # so the documents tensor stays rectangular.
-        return [items[i % len(items)] for i in range(self.n_negatives)]
+    def negative_positions(self, index: int, available: int) -> list[int]:
+        if available <= self.n_negatives:
+            # Fewer than asked: reuse them in order, since the documents tensor must stay rectangular.
+            return [i % available for i in range(self.n_negatives)]
+        return random.Random(f"{self.seed}:{self.epoch}:{index}").sample(range(available), self.n_negatives)
 
-    def __call__(self, examples: list[Example]) -> MicroBatch:
+    def __call__(self, indexed: list[tuple[int, Example]]) -> MicroBatch:
+        examples = [e for _, e in indexed]
+        picks = [self.negative_positions(i, len(e.negatives)) for i, e in indexed]
         queries = [e.query for e in examples]
-        docs = [text for e in examples for text in [e.positive, *self._cycle(e.negatives)]]
+        docs = [text for e, p in zip(examples, picks) for text in [e.positive, *(e.negatives[j] for j in p)]]
         q = self.tokenizer(queries, padding=True, truncation=True, max_length=self.max_query_length, return_tensors="pt")
         d = self.tokenizer(docs, padding=True, truncation=True, max_length=self.max_doc_length, return_tensors="pt")
         teacher = None
         if all(e.teacher_scores is not None for e in examples):
-            teacher = torch.tensor(
-                [[e.teacher_scores[0], *self._cycle(e.teacher_scores[1:])] for e in examples], dtype=torch.float32
-            )
+            teacher = torch.tensor([[e.teacher_scores[0], *(e.teacher_scores[1 + j] for j in p)]
+                                    for e, p in zip(examples, picks)], dtype=torch.float32)
         return MicroBatch(q["input_ids"], q["attention_mask"], d["input_ids"], d["attention_mask"], teacher, len(examples))
 
 
@@ -83,8 +92,8 @@ class _Indexed(Dataset):
     def __len__(self) -> int:
         return len(self.order)
 
-    def __getitem__(self, i: int) -> list[Example]:
-        return [self.examples[j] for j in self.order[i]]
+    def __getitem__(self, i: int) -> list[tuple[int, Example]]:
+        return [(j, self.examples[j]) for j in self.order[i]]
 
 
 def epoch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -100,6 +109,7 @@ def micro_batches(
 ):
     """Iterate the epoch's micro-batches from position `start` (micro-batches already consumed)."""
     order = epoch_order(len(examples), batch_size, seed, epoch)[start:]
+    collator.epoch = epoch
     # Its own generator: creating a DataLoader iterator draws a seed, and drawing it from the global RNG would shift
     # the dropout stream depending on where in an epoch a run was resumed.
     loader = DataLoader(

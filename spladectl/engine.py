@@ -103,7 +103,7 @@ class Trainer:
             # The documents tensor must be rectangular; cycling a single negative would only repeat it.
             log(f"note: using {min_negatives} hard negative(s) per example (the data has no more for some rows)")
             config.n_negatives = min_negatives
-        self.collator = Collator(model.tokenizer, n_negatives=config.n_negatives,
+        self.collator = Collator(model.tokenizer, n_negatives=config.n_negatives, seed=config.seed,
                                  max_query_length=config.max_query_length, max_doc_length=config.max_doc_length)
         steps_per_epoch, total = plan_steps(config, len(examples))
         self.state = TrainState(config=config, output_dir=self.output_dir, model=model, device=self.device,

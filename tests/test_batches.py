@@ -1,0 +1,63 @@
+"""Micro-batches: resumable order, no example dropped, hard negatives sampled per epoch, OOM splitting."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from spladectl.batches import Collator, epoch_order, micro_batches
+from spladectl.data import Example
+from spladectl.model import resolve_model_path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_model_path("splade-tiny"))
+
+
+def test_epoch_order_covers_every_example_once_and_depends_on_the_epoch():
+    first, second = epoch_order(10, 3, seed=1, epoch=0), epoch_order(10, 3, seed=1, epoch=1)
+    assert sorted(i for batch in first for i in batch) == list(range(10))
+    assert [len(b) for b in first] == [3, 3, 3, 1]  # the short last batch is kept
+    assert first != second and first == epoch_order(10, 3, seed=1, epoch=0)
+
+
+def test_negatives_are_resampled_each_epoch_and_reproducibly(tokenizer):
+    examples = [Example(query=f"q{i}", positive=f"p{i}", negatives=[f"n{i}-{k}" for k in range(20)]) for i in range(4)]
+    collator = Collator(tokenizer, n_negatives=2, max_query_length=8, max_doc_length=8, seed=3)
+
+    def negatives(epoch):
+        picked = []
+        for batch in micro_batches(examples, collator, batch_size=4, seed=3, epoch=epoch):
+            texts = tokenizer.batch_decode(batch.doc_ids, skip_special_tokens=True)
+            picked.append([t.replace(" ", "") for t in texts])
+        return picked
+
+    epoch0, epoch1 = negatives(0), negatives(1)
+    assert epoch0 == negatives(0)  # what a resumed run would draw
+    assert epoch0 != epoch1
+    docs = epoch0[0]
+    assert len(docs) == 4 * 3 and all(d.startswith("p") for d in docs[::3])
+
+
+def test_short_negative_lists_cycle_and_teacher_scores_follow_the_pick(tokenizer):
+    examples = [Example(query="q", positive="p", negatives=["a", "b", "c", "d"], teacher_scores=[9, 1, 2, 3, 4]),
+                Example(query="r", positive="s", negatives=["e"], teacher_scores=[8, 5])]
+    collator = Collator(tokenizer, n_negatives=2, max_query_length=8, max_doc_length=8, seed=0)
+    batch = collator(list(enumerate(examples)))
+    texts = tokenizer.batch_decode(batch.doc_ids, skip_special_tokens=True)
+    assert texts[3:] == ["s", "e", "e"]
+    assert batch.teacher_scores[1].tolist() == [8, 5, 5]
+    first_negatives = texts[1:3]
+    expected = [{"a": 1, "b": 2, "c": 3, "d": 4}[t] for t in first_negatives]
+    assert batch.teacher_scores[0].tolist() == [9, *expected]
+
+
+def test_split_keeps_every_example_with_its_documents(tokenizer):
+    examples = [Example(query=f"q{i}", positive=f"p{i}", negatives=[f"n{i}"]) for i in range(5)]
+    collator = Collator(tokenizer, n_negatives=1, max_query_length=8, max_doc_length=8)
+    batch = collator(list(enumerate(examples)))
+    pieces = batch.split(2)
+    assert [p.size for p in pieces] == [3, 2]
+    assert sum(p.doc_ids.shape[0] for p in pieces) == batch.doc_ids.shape[0]
+    assert tokenizer.batch_decode(pieces[1].doc_ids, skip_special_tokens=True) == ["p3", "n3", "p4", "n4"]
