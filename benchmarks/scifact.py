@@ -1,0 +1,178 @@
+"""Fine-tune splade-tiny on BEIR SciFact and compare it with BM25 and the zero-shot model (docs/benchmarks.md).
+
+    python benchmarks/scifact.py tune    # choose lr and epochs on a dev split carved from the train queries
+    python benchmarks/scifact.py final --lr 5e-5 --epochs 2   # train on all train queries, evaluate test once
+
+`tune` never reads the test qrels. It holds out 20% of the train queries (chosen by a stable hash of their ids) as
+dev, trains on the rest in bf16-mixed for each learning rate, evaluates dev after every epoch and prints the best
+(lr, epochs) by dev nDCG@10. `final` trains on every train query in 32-true and in bf16-mixed with those settings,
+then evaluates BM25, zero-shot splade-tiny and both fine-tunes on test, prints a markdown table, writes
+results.json and a plot of the training curves. SciFact is read from ../shared/data/scifact (or $SPLADECTL_SCIFACT);
+nothing is copied into the repository: the carved dev split and the runs live under --work-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = Path(os.environ.get("SPLADECTL_SCIFACT", HERE.parent.parent / "shared" / "data" / "scifact"))
+DEFAULT_WORK = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spladectl" / "scifact-benchmark"
+
+# Shared by every run so that only the named knobs differ.
+COMMON = dict(model="splade-tiny", batch_size=16, grad_accum=1, n_negatives=1, max_query_length=64,
+              max_doc_length=256, warmup_ratio=0.1, scheduler="linear", seed=42, dataloader_workers=1)
+
+
+def is_dev(query_id: str) -> bool:
+    return int(hashlib.sha1(query_id.encode()).hexdigest(), 16) % 5 == 0
+
+
+def carve_dev(data: Path, work: Path) -> Path:
+    """A BEIR dir with train (80% of the train queries) and dev (the other 20%) qrels; test is not copied."""
+    from spladectl.data.beir import load_beir, write_beir
+
+    out = work / "scifact-dev"
+    if (out / "qrels" / "dev.tsv").is_file():
+        return out
+    train = load_beir(data, "train")
+    qrels = {"train": {q: d for q, d in train.qrels.items() if not is_dev(q)},
+             "dev": {q: d for q, d in train.qrels.items() if is_dev(q)}}
+    corpus = {doc_id: {"title": train.titles.get(doc_id, ""), "text": _text_only(train, doc_id)}
+              for doc_id in train.corpus}
+    write_beir(out, corpus, train.queries, qrels)
+    return out
+
+
+def _text_only(dataset, doc_id: str) -> str:
+    # load_beir joins title and text; write the text back without the title so that re-reading joins them once.
+    title, joined = dataset.titles.get(doc_id, ""), dataset.corpus[doc_id]
+    return joined[len(title) + 1:] if title and joined.startswith(title + " ") else joined
+
+
+def train_run(data: Path, split: str, out: Path, *, precision: str, lr: float, epochs: int,
+              eval_data: Path | None = None, eval_split: str = "dev") -> dict:
+    from spladectl.config import TrainConfig
+    from spladectl.data import load_training_data
+    from spladectl.engine import Trainer
+    from spladectl.evaluate import evaluate_encoder, load_beir
+    from spladectl.plugins import load_plugins
+
+    examples = load_training_data(str(data), split=split, show_progress=False)
+    config = TrainConfig(**COMMON, data=str(data), output_dir=str(out), precision=precision, lr=lr, epochs=epochs)
+    eval_fn = None
+    if eval_data is not None:
+        dev = load_beir(eval_data, eval_split)
+        eval_fn = lambda enc: evaluate_encoder(enc, dev, precision="bf16-mixed", show_progress=False)  # noqa: E731
+    trainer = Trainer(config, examples, pm=load_plugins(), eval_fn=eval_fn, log=lambda m: print(m, file=sys.stderr))
+    if eval_fn is not None:
+        config.eval_every = trainer.state.steps_per_epoch
+    started = time.perf_counter()
+    result = trainer.fit()
+    result["train_minutes"] = round((time.perf_counter() - started) / 60, 2)
+    result["examples"] = len(examples)
+    return result
+
+
+def tune(args) -> None:
+    dev_dir = carve_dev(args.data, args.work)
+    results = {}
+    for lr in args.lrs:
+        out = args.work / f"tune-lr{lr:g}"
+        train_run(dev_dir, "train", out, precision="bf16-mixed", lr=lr, epochs=args.epochs, eval_data=dev_dir)
+        evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+        results[lr] = [(e["step"], e["nDCG@10"]) for e in evals]
+        print(f"lr {lr:g}: dev nDCG@10 by step {results[lr]}", flush=True)
+    best = max(((lr, i + 1, ndcg) for lr, rows in results.items() for i, (_, ndcg) in enumerate(rows)),
+               key=lambda t: t[2])
+    print(json.dumps({"dev": {str(k): v for k, v in results.items()},
+                      "best": {"lr": best[0], "epochs": best[1], "dev_nDCG@10": best[2]}}, indent=2))
+
+
+def final(args) -> None:
+    from spladectl.evaluate import bm25_baseline, evaluate_encoder, load_beir
+    from spladectl.model import SpladeEncoder
+
+    test = load_beir(args.data, "test")
+    rows = []
+
+    def row(name, metrics, minutes=None):
+        rows.append({"name": name, **{k: metrics.get(k) for k in ("nDCG@10", "MRR@10", "R@100", "avg_query_dims",
+                                                                "avg_doc_dims", "avg_flops")},
+                     "train_minutes": minutes})
+        print(json.dumps(rows[-1]), flush=True)
+
+    for stem in (False, True):
+        row(f"BM25 (bm25s{', stemmed' if stem else ''})", bm25_baseline(test, stem=stem))
+    zero = SpladeEncoder.from_pretrained("splade-tiny")
+    row("splade-tiny zero-shot", evaluate_encoder(zero, test, precision="bf16-mixed", show_progress=False))
+    for precision in ("32-true", "bf16-mixed"):
+        out = args.work / f"final-{precision}"
+        result = train_run(args.data, "train", out, precision=precision, lr=args.lr, epochs=args.epochs)
+        model = SpladeEncoder.from_pretrained(result["final"])
+        row(f"splade-tiny fine-tuned, {precision}",
+            evaluate_encoder(model, test, precision="bf16-mixed", show_progress=False), result["train_minutes"])
+    (args.work / "results.json").write_text(json.dumps(rows, indent=2))
+    print(markdown(rows))
+    if args.plot:
+        plot_curves(args.work, args.plot)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| run | nDCG@10 | MRR@10 | R@100 | query dims | doc dims | FLOPS | training minutes |",
+             "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, p=4: "–" if v is None else f"{v:.{p}f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['name']} | {fmt(r['nDCG@10'])} | {fmt(r['MRR@10'])} | {fmt(r['R@100'])} | "
+                     f"{fmt(r['avg_query_dims'], 1)} | {fmt(r['avg_doc_dims'], 1)} | {fmt(r['avg_flops'], 2)} | "
+                     f"{fmt(r['train_minutes'], 1)} |")
+    return "\n".join(lines)
+
+
+def plot_curves(work: Path, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for precision in ("32-true", "bf16-mixed"):
+        rows = [json.loads(x) for x in (work / f"final-{precision}" / "metrics.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in rows]
+        axes[0].plot(steps, [r["loss"] for r in rows], label=precision, alpha=0.8)
+        axes[1].plot(steps, [r["query_dims"] for r in rows], label=f"query, {precision}")
+        axes[1].plot(steps, [r["doc_dims"] for r in rows], label=f"document, {precision}", linestyle="--")
+        axes[2].plot(steps, [r["lambda_d"] for r in rows], label=f"λd, {precision}")
+    axes[0].set(title="training loss", xlabel="optimizer step")
+    axes[1].set(title="active dimensions", xlabel="optimizer step")
+    axes[2].set(title="FLOPS weight (document)", xlabel="optimizer step")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["tune", "final"])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--work-dir", dest="work", type=Path, default=DEFAULT_WORK)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[5e-5, 1e-4], help="tune: learning rates to try")
+    parser.add_argument("--epochs", type=int, default=3, help="tune: epochs per run; final: epochs to train")
+    parser.add_argument("--lr", type=float, default=5e-5, help="final: the learning rate chosen by tune")
+    parser.add_argument("--plot", type=Path, default=None, help="final: write the training curves here (PNG)")
+    args = parser.parse_args()
+    if not (args.data / "corpus.jsonl").is_file():
+        sys.exit(f"SciFact not found at {args.data} (set SPLADECTL_SCIFACT)")
+    args.work.mkdir(parents=True, exist_ok=True)
+    {"tune": tune, "final": final}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
