@@ -125,3 +125,58 @@ def test_search_max_batch_skips_probes_predicted_far_over_budget():
 def test_plot_into_a_missing_directory_fails_before_running(cli, tmp_path):
     result = cli("bench", "--precisions", "32-true", "--plot", str(tmp_path / "nope" / "b.png"))
     assert result.exit_code == 2 and "--plot: directory" in result.output
+
+
+# ------------------------------------------------------------------------------------------------ benchmarks/peers.py
+# The peers run itself takes minutes (three trainers, each in its own process); these check its bookkeeping.
+
+def _peers():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "peers.py"
+    spec = importlib.util.spec_from_file_location("peers_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peers_rotates_the_order_of_the_trainers():
+    peers = _peers()
+    abc = ["a", "b", "c"]
+    assert [peers.rotation(abc, r) for r in range(4)] == [abc, ["c", "a", "b"], ["b", "c", "a"], abc]
+
+
+def test_peers_hands_spladectl_the_shared_order():
+    from spladectl.batches import micro_batches
+
+    peers = _peers()
+    ordered = list(range(40))  # the order every trainer must see
+    arranged = peers.arrange_for_spladectl(ordered, 8, peers.SEED)
+    batches = micro_batches(arranged, lambda items: items, batch_size=8, seed=peers.SEED, epoch=0)
+    # the engine's collator receives (index, example) pairs (or, in older versions, the examples)
+    seen = [x[1] if isinstance(x, tuple) else x for batch in batches for x in batch]
+    assert seen == ordered
+
+
+def test_peers_summary_and_targets():
+    peers = _peers()
+
+    def run(trainer, precision, ex_s, rss):
+        return {"trainer": trainer, "precision": precision, "examples_per_s": ex_s, "peak_rss": rss * 2**30,
+                "rss_training_peak": rss * 2**30, "rss_before_training": 0.4 * 2**30, "step_seconds": [1.0, 0.5],
+                "losses": [1.0], "warmup": 1}
+
+    runs = [run("spladectl", "32-true", 6, 1.0), run("spladectl", "32-true", 8, 1.0),
+            run("spladectl", "bf16-mixed", 16, 1.0), run("sentence-transformers", "32-true", 2, 5.0),
+            run("sentence-transformers", "bf16-mixed", 4, 1.5)]
+    rows = peers.summarize(runs, ["spladectl", "sentence-transformers"], ["32-true", "bf16-mixed"])
+    by = {(r["trainer"], r["precision"]): r for r in rows}
+    assert by["spladectl", "32-true"]["examples_per_s"] == 7  # median of the repeats
+    assert by["spladectl", "bf16-mixed"]["speedup_over_32_true"] == pytest.approx(16 / 7)
+    assert by["sentence-transformers", "bf16-mixed"]["spladectl_throughput_ratio"] == 4
+    assert by["sentence-transformers", "32-true"]["spladectl_memory_ratio"] == pytest.approx(0.2)
+    met = {what: ok for what, _, _, ok in peers.targets(rows)}
+    assert met == {"spladectl bf16-mixed / 32-true examples/s": True, "spladectl / ST examples/s, bf16-mixed": True,
+                   "spladectl / ST peak RSS, 32-true": True, "spladectl / ST peak RSS, bf16-mixed": False}
+    assert "| spladectl | bf16-mixed | 16.00 | 2.29× |" in peers.markdown(rows, peers.parse(["--repeats", "2"]))

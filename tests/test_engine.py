@@ -7,41 +7,11 @@ import json
 import pytest
 import torch
 
-from spladectl.config import TrainConfig
-from spladectl.data import Example
 from spladectl.engine import Trainer
 from spladectl.hookspecs import hookimpl
 from spladectl.plugins import load_plugins
 
-TOPICS = [
-    ("how do bees make honey", "Bees turn nectar into honey by evaporating water in the hive.",
-     "Wasps build paper nests from chewed wood fibre."),
-    ("why is the sky blue", "Rayleigh scattering sends short blue wavelengths across the sky.",
-     "Sunsets look red because light crosses more atmosphere."),
-    ("what makes bread rise", "Yeast ferments sugars and releases carbon dioxide that leavens dough.",
-     "Baking soda reacts with acid to produce gas in quick breads."),
-    ("how do volcanoes erupt", "Magma pressure from dissolved gases forces molten rock to the surface.",
-     "Earthquakes happen when tectonic plates slip along faults."),
-    ("how do plants drink water", "Roots absorb water that rises through xylem by transpiration pull.",
-     "Leaves capture light energy in chloroplasts during photosynthesis."),
-    ("what causes tides", "The moon's gravity pulls ocean water into bulges that cause tides.",
-     "Ocean currents are driven by wind and differences in water density."),
-    ("how does a compass work", "A magnetised needle aligns with the Earth's magnetic field lines.",
-     "Maps use lines of latitude and longitude to locate places."),
-    ("why do leaves change colour", "Chlorophyll breaks down in autumn revealing yellow carotenoid pigments.",
-     "Evergreen needles keep a waxy coat that limits water loss."),
-]
-
-
-def examples(n: int = 8) -> list[Example]:
-    return [Example(query=q, positive=p, negatives=[n_]) for q, p, n_ in TOPICS[:n]]
-
-
-def config(tmp_path, **overrides) -> TrainConfig:
-    values = dict(output_dir=str(tmp_path / "out"), batch_size=4, grad_accum=1, max_steps=2, precision="32-true",
-                  max_query_length=16, max_doc_length=32, lr=1e-4, seed=7, warmup_ratio=0.0)
-    values.update(overrides)
-    return TrainConfig(**values)
+from tiny import config, examples
 
 
 @pytest.fixture

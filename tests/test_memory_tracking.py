@@ -8,7 +8,6 @@ drivers.
 
 from __future__ import annotations
 
-import json
 import time
 from types import SimpleNamespace
 
@@ -18,39 +17,21 @@ import torch
 
 from spladectl import memory, plugins
 from spladectl.config import TrainConfig
-from spladectl.data import Example
 from spladectl.default_plugins.memory import MemoryTracker
 from spladectl.engine import Trainer
 from spladectl.hookspecs import hookimpl
+import tiny
+from tiny import metrics_rows
 
 GIB = 2**30
 MEMORY_PLUGIN = "spladectl.default_plugins.memory"
 
-PAIRS = [
-    ("how do bees make honey", "Bees turn nectar into honey by evaporating water in the hive.",
-     "Wasps build paper nests from chewed wood fibre."),
-    ("why is the sky blue", "Rayleigh scattering sends short blue wavelengths across the sky.",
-     "Sunsets look red because light crosses more atmosphere."),
-    ("what makes bread rise", "Yeast ferments sugars and releases carbon dioxide that leavens dough.",
-     "Baking soda reacts with acid to produce gas in quick breads."),
-    ("how do volcanoes erupt", "Magma pressure from dissolved gases forces molten rock to the surface.",
-     "Earthquakes happen when tectonic plates slip along faults."),
-]
+def examples():
+    return tiny.examples() * 2
 
 
-def examples() -> list[Example]:
-    return [Example(query=q, positive=p, negatives=[n]) for q, p, n in PAIRS * 2]
-
-
-def config(tmp_path, **overrides) -> TrainConfig:
-    values = dict(output_dir=str(tmp_path / "out"), batch_size=4, max_steps=2, precision="32-true",
-                  max_query_length=16, max_doc_length=32, seed=5, memory_tracking=True)
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def metrics_rows(tmp_path) -> list[dict]:
-    return [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+def config(tmp_path, **overrides):
+    return tiny.config(tmp_path, **{"seed": 5, "memory_tracking": True, **overrides})
 
 
 def hold(megabytes: int, seconds: float = 0.2) -> None:

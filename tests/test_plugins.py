@@ -24,50 +24,17 @@ from typer.testing import CliRunner
 
 from spladectl import losses, plugins
 from spladectl.config import TrainConfig
-from spladectl.data import Example
 from spladectl.engine import Trainer
 from spladectl.errors import PluginError, SpladectlError
 from spladectl.hookspecs import hookimpl
+from tiny import TOPICS, config, examples, metrics_rows
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "plugins.md"
 
-TOPICS = [
-    ("how do bees make honey", "Bees turn nectar into honey by evaporating water in the hive.",
-     "Wasps build paper nests from chewed wood fibre."),
-    ("why is the sky blue", "Rayleigh scattering sends short blue wavelengths across the sky.",
-     "Sunsets look red because light crosses more atmosphere."),
-    ("what makes bread rise", "Yeast ferments sugars and releases carbon dioxide that leavens dough.",
-     "Baking soda reacts with acid to produce gas in quick breads."),
-    ("how do volcanoes erupt", "Magma pressure from dissolved gases forces molten rock to the surface.",
-     "Earthquakes happen when tectonic plates slip along faults."),
-    ("how do plants drink water", "Roots absorb water that rises through xylem by transpiration pull.",
-     "Leaves capture light energy in chloroplasts during photosynthesis."),
-    ("what causes tides", "The moon's gravity pulls ocean water into bulges that cause tides.",
-     "Ocean currents are driven by wind and differences in water density."),
-    ("how does a compass work", "A magnetised needle aligns with the Earth's magnetic field lines.",
-     "Maps use lines of latitude and longitude to locate places."),
-    ("why do leaves change colour", "Chlorophyll breaks down in autumn revealing yellow carotenoid pigments.",
-     "Evergreen needles keep a waxy coat that limits water loss."),
-]
 SHORT_RUN = ["--profile", "cpu", "--precision", "32-true", "--batch-size", "4", "--grad-accum", "1",
              "--max-query-length", "16", "--max-doc-length", "32", "--no-progress"]
 WIDE = {"COLUMNS": "400", "TERMINAL_WIDTH": "400"}  # keep error panels on one line
-
-
-def examples() -> list[Example]:
-    return [Example(query=q, positive=p, negatives=[n]) for q, p, n in TOPICS]
-
-
-def config(tmp_path, **overrides) -> TrainConfig:
-    values = dict(output_dir=str(tmp_path / "out"), batch_size=4, grad_accum=1, max_steps=2, precision="32-true",
-                  max_query_length=16, max_doc_length=32, lr=1e-4, seed=7, warmup_ratio=0.0)
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def metrics_rows(tmp_path) -> list[dict]:
-    return [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
 
 
 def flat(text: str) -> str:

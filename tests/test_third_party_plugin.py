@@ -18,21 +18,10 @@ from pathlib import Path
 import pytest
 
 from spladectl import plugins
+from tiny import TOPICS
 
 DIST = "spladectl-csvlog"
 SPLADECTL = Path(sys.executable).with_name("spladectl")
-PAIRS = [
-    ("how do bees make honey", "Bees turn nectar into honey by evaporating water in the hive.",
-     "Wasps build paper nests from chewed wood fibre."),
-    ("why is the sky blue", "Rayleigh scattering sends short blue wavelengths across the sky.",
-     "Sunsets look red because light crosses more atmosphere."),
-    ("what makes bread rise", "Yeast ferments sugars and releases carbon dioxide that leavens dough.",
-     "Baking soda reacts with acid to produce gas in quick breads."),
-    ("how do volcanoes erupt", "Magma pressure from dissolved gases forces molten rock to the surface.",
-     "Earthquakes happen when tectonic plates slip along faults."),
-]
-
-
 @pytest.fixture(scope="module", autouse=True)
 def installed():
     try:
@@ -78,7 +67,7 @@ def test_selection_by_name_in_process():
 def test_a_short_training_calls_it_and_its_command_reads_the_result(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"query": q, "positive_document": p, "negative_documents": [n]}) + "\n"
-                            for q, p, n in PAIRS * 2))
+                            for q, p, n in TOPICS))
     train = ["train", "--data", str(data), "--max-steps", "2", "--profile", "cpu", "--precision", "32-true",
              "--batch-size", "4", "--grad-accum", "1", "--max-query-length", "16", "--max-doc-length", "32",
              "--no-progress"]
