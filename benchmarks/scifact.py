@@ -2,6 +2,7 @@
 
     python benchmarks/scifact.py tune    # choose lr and epochs on a dev split carved from the train queries
     python benchmarks/scifact.py final --lr 5e-5 --epochs 2   # train on all train queries, evaluate test once
+    python benchmarks/scifact.py all --plot docs/img/scifact-curves.png   # both, with the settings tune chose
 
 `tune` never reads the test qrels. It holds out 20% of the train queries (chosen by a stable hash of their ids) as
 dev, trains on the rest in bf16-mixed for each learning rate, evaluates dev after every epoch and prints the best
@@ -80,19 +81,31 @@ def train_run(data: Path, split: str, out: Path, *, precision: str, lr: float, e
     return result
 
 
-def tune(args) -> None:
+def tune(args):
+    from spladectl.evaluate import evaluate_encoder, load_beir
+    from spladectl.model import SpladeEncoder
+
     dev_dir = carve_dev(args.data, args.work)
+    zero = evaluate_encoder(SpladeEncoder.from_pretrained("splade-tiny"), load_beir(dev_dir, "dev"),
+                            precision="bf16-mixed", show_progress=False)
+    print(f"zero-shot splade-tiny: dev nDCG@10 {zero['nDCG@10']:.4f}", flush=True)
     results = {}
     for lr in args.lrs:
         out = args.work / f"tune-lr{lr:g}"
-        train_run(dev_dir, "train", out, precision="bf16-mixed", lr=lr, epochs=args.epochs, eval_data=dev_dir)
-        evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+        eval_file = out / "eval.jsonl"
+        done = eval_file.is_file() and len(eval_file.read_text().splitlines()) == args.epochs and (out / "final").is_dir()
+        if not done:  # a finished run is reused, so an interrupted tune picks up where it stopped
+            train_run(dev_dir, "train", out, precision="bf16-mixed", lr=lr, epochs=args.epochs, eval_data=dev_dir)
+        evals = [json.loads(line) for line in eval_file.read_text().splitlines()]
         results[lr] = [(e["step"], e["nDCG@10"]) for e in evals]
         print(f"lr {lr:g}: dev nDCG@10 by step {results[lr]}", flush=True)
     best = max(((lr, i + 1, ndcg) for lr, rows in results.items() for i, (_, ndcg) in enumerate(rows)),
                key=lambda t: t[2])
-    print(json.dumps({"dev": {str(k): v for k, v in results.items()},
-                      "best": {"lr": best[0], "epochs": best[1], "dev_nDCG@10": best[2]}}, indent=2))
+    summary = {"zero_shot_dev_nDCG@10": zero["nDCG@10"], "dev": {str(k): v for k, v in results.items()},
+               "best": {"lr": best[0], "epochs": best[1], "dev_nDCG@10": best[2]}}
+    (args.work / "tune.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return best
 
 
 def final(args) -> None:
@@ -160,18 +173,22 @@ def plot_curves(work: Path, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["tune", "final"])
+    parser.add_argument("stage", choices=["tune", "final", "all"])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--work-dir", dest="work", type=Path, default=DEFAULT_WORK)
-    parser.add_argument("--lrs", type=float, nargs="+", default=[5e-5, 1e-4], help="tune: learning rates to try")
-    parser.add_argument("--epochs", type=int, default=3, help="tune: epochs per run; final: epochs to train")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 2e-4], help="tune: learning rates to try")
+    parser.add_argument("--epochs", type=int, default=2, help="tune: epochs per run; final: epochs to train")
     parser.add_argument("--lr", type=float, default=5e-5, help="final: the learning rate chosen by tune")
     parser.add_argument("--plot", type=Path, default=None, help="final: write the training curves here (PNG)")
     args = parser.parse_args()
     if not (args.data / "corpus.jsonl").is_file():
         sys.exit(f"SciFact not found at {args.data} (set SPLADECTL_SCIFACT)")
     args.work.mkdir(parents=True, exist_ok=True)
-    {"tune": tune, "final": final}[args.stage](args)
+    if args.stage == "all":  # tune, then train and test once with what dev chose
+        args.lr, args.epochs, _ = tune(args)
+        final(args)
+    else:
+        {"tune": tune, "final": final}[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -262,6 +262,8 @@ class Trainer:
         s, c = self.state, self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
         metrics_file = _open_metrics(self.output_dir / "metrics.jsonl", resumed_at=s.step)
+        if not s.step:  # a fresh run in a reused directory must not inherit old evaluations
+            (self.output_dir / "eval.jsonl").unlink(missing_ok=True)
         s.model.train()
         self.pm.hook.on_train_start(state=s)
         status, patience_left = "failed", c.early_stopping_patience
