@@ -57,7 +57,7 @@ def _text_only(dataset, doc_id: str) -> str:
     return joined[len(title) + 1:] if title and joined.startswith(title + " ") else joined
 
 
-def train_run(data: Path, split: str, out: Path, *, precision: str, lr: float, epochs: int,
+def train_run(data: Path, split: str, out: Path, *, precision: str, lr: float, epochs: int, lambda_scale: float = 1.0,
               eval_data: Path | None = None, eval_split: str = "dev") -> dict:
     from spladectl.config import TrainConfig
     from spladectl.data import load_training_data
@@ -65,8 +65,11 @@ def train_run(data: Path, split: str, out: Path, *, precision: str, lr: float, e
     from spladectl.evaluate import evaluate_encoder, load_beir
     from spladectl.plugins import load_plugins
 
-    examples = load_training_data(str(data), split=split, show_progress=False)
+    # Unstemmed BM25 mining, whether or not PyStemmer is installed, so every run sees the same negatives.
+    examples = load_training_data(str(data), split=split, show_progress=False, stem=False)
     config = TrainConfig(**COMMON, data=str(data), output_dir=str(out), precision=precision, lr=lr, epochs=epochs)
+    config.lambda_q *= lambda_scale
+    config.lambda_d *= lambda_scale
     eval_fn = None
     if eval_data is not None:
         dev = load_beir(eval_data, eval_split)
@@ -90,19 +93,21 @@ def tune(args):
                             precision="bf16-mixed", show_progress=False)
     print(f"zero-shot splade-tiny: dev nDCG@10 {zero['nDCG@10']:.4f}", flush=True)
     results = {}
-    for lr in args.lrs:
-        out = args.work / f"tune-lr{lr:g}"
+    for lr, scale in [(lr, scale) for scale in args.lambda_scales for lr in args.lrs]:
+        out = args.work / (f"tune-lr{lr:g}" + (f"-lambda{scale:g}" if scale != 1.0 else ""))
         eval_file = out / "eval.jsonl"
         done = eval_file.is_file() and len(eval_file.read_text().splitlines()) == args.epochs and (out / "final").is_dir()
         if not done:  # a finished run is reused, so an interrupted tune picks up where it stopped
-            train_run(dev_dir, "train", out, precision="bf16-mixed", lr=lr, epochs=args.epochs, eval_data=dev_dir)
+            train_run(dev_dir, "train", out, precision="bf16-mixed", lr=lr, epochs=args.epochs, lambda_scale=scale,
+                      eval_data=dev_dir)
         evals = [json.loads(line) for line in eval_file.read_text().splitlines()]
-        results[lr] = [(e["step"], e["nDCG@10"]) for e in evals]
-        print(f"lr {lr:g}: dev nDCG@10 by step {results[lr]}", flush=True)
-    best = max(((lr, i + 1, ndcg) for lr, rows in results.items() for i, (_, ndcg) in enumerate(rows)),
-               key=lambda t: t[2])
-    summary = {"zero_shot_dev_nDCG@10": zero["nDCG@10"], "dev": {str(k): v for k, v in results.items()},
-               "best": {"lr": best[0], "epochs": best[1], "dev_nDCG@10": best[2]}}
+        results[(lr, scale)] = [(e["step"], e["nDCG@10"]) for e in evals]
+        print(f"lr {lr:g}, λ × {scale:g}: dev nDCG@10 by step {results[(lr, scale)]}", flush=True)
+    best = max(((lr, scale, i + 1, ndcg) for (lr, scale), rows in results.items() for i, (_, ndcg) in enumerate(rows)),
+               key=lambda t: t[3])
+    summary = {"zero_shot_dev_nDCG@10": zero["nDCG@10"],
+               "dev": {f"lr={lr:g} lambda_scale={scale:g}": v for (lr, scale), v in results.items()},
+               "best": {"lr": best[0], "lambda_scale": best[1], "epochs": best[2], "dev_nDCG@10": best[3]}}
     (args.work / "tune.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return best
@@ -127,7 +132,8 @@ def final(args) -> None:
     row("splade-tiny zero-shot", evaluate_encoder(zero, test, precision="bf16-mixed", show_progress=False))
     for precision in ("32-true", "bf16-mixed"):
         out = args.work / f"final-{precision}"
-        result = train_run(args.data, "train", out, precision=precision, lr=args.lr, epochs=args.epochs)
+        result = train_run(args.data, "train", out, precision=precision, lr=args.lr, epochs=args.epochs,
+                           lambda_scale=args.lambda_scale)
         model = SpladeEncoder.from_pretrained(result["final"])
         row(f"splade-tiny fine-tuned, {precision}",
             evaluate_encoder(model, test, precision="bf16-mixed", show_progress=False), result["train_minutes"])
@@ -178,14 +184,17 @@ def main() -> None:
     parser.add_argument("--work-dir", dest="work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 2e-4], help="tune: learning rates to try")
     parser.add_argument("--epochs", type=int, default=2, help="tune: epochs per run; final: epochs to train")
+    parser.add_argument("--lambda-scales", type=float, nargs="+", default=[1.0],
+                        help="tune: multipliers of the default FLOPS weights (λq 5e-4, λd 3e-4) to try")
     parser.add_argument("--lr", type=float, default=5e-5, help="final: the learning rate chosen by tune")
+    parser.add_argument("--lambda-scale", type=float, default=1.0, help="final: the FLOPS multiplier chosen by tune")
     parser.add_argument("--plot", type=Path, default=None, help="final: write the training curves here (PNG)")
     args = parser.parse_args()
     if not (args.data / "corpus.jsonl").is_file():
         sys.exit(f"SciFact not found at {args.data} (set SPLADECTL_SCIFACT)")
     args.work.mkdir(parents=True, exist_ok=True)
     if args.stage == "all":  # tune, then train and test once with what dev chose
-        args.lr, args.epochs, _ = tune(args)
+        args.lr, args.lambda_scale, args.epochs, _ = tune(args)
         final(args)
     else:
         {"tune": tune, "final": final}[args.stage](args)
