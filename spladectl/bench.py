@@ -362,15 +362,19 @@ def optimizer_description(optimizer: torch.optim.Optimizer) -> str:
     return f"{type(optimizer).__name__} ({impl})"
 
 
-def tokenize_seconds(collator, examples, batch_size: int, repeats: int = 3) -> float:
-    """Median time to tokenize one micro-batch of `examples`, as the engine does when workers are 0."""
+def tokenize_seconds(collator, examples, batch_size: int, seed: int, repeats: int = 3) -> float:
+    """Median time to produce one tokenized micro-batch through the engine's data path in this process (what a step
+    pays when dataloader workers are 0)."""
+    from spladectl.batches import micro_batches
+
+    batches = micro_batches(examples, collator, batch_size=batch_size, seed=seed, epoch=0, workers=0)
     times = []
-    for i in range(repeats):
-        chunk = [examples[(i * batch_size + j) % len(examples)] for j in range(batch_size)]
+    for _ in range(repeats):
         started = time.perf_counter()
-        collator(chunk)
+        if next(batches, None) is None:
+            break
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return statistics.median(times) if times else 0.0
 
 
 def profile_top_ops(run: _Run, n: int) -> list[dict[str, Any]]:
@@ -429,7 +433,7 @@ def bench_precision(settings: BenchSettings, precision: str, examples, pm, log: 
                                              tuple(batch.doc_ids.shape))
             flops_source = "estimate"
         top = profile_top_ops(run, settings.top_ops) if settings.top_ops else None
-        tokenize = tokenize_seconds(run.trainer.collator, examples, settings.batch_size)
+        tokenize = tokenize_seconds(run.trainer.collator, examples, settings.batch_size, settings.seed)
     finally:
         run.close()
 
