@@ -21,3 +21,17 @@ def cli():
         return runner.invoke(app, list(args), env=env)
 
     return invoke
+
+
+@pytest.fixture
+def toy_beir(tmp_path):
+    """A small BEIR directory (CRLF qrels with a header), written fresh for each test."""
+    from test_data import write_toy_beir
+
+    return write_toy_beir(tmp_path / "toy")
+
+
+@pytest.fixture(autouse=True)
+def _private_user_cache(tmp_path, monkeypatch):
+    """Keep the ~/.cache fallback of mining caches inside each test's tmp_path."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))

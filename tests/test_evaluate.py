@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from test_data import TOY_CORPUS, write_toy_beir
+from test_data import TOY_CORPUS
 
 from spladectl.evaluate import (
     bm25_baseline,
@@ -25,16 +25,6 @@ from spladectl.evaluate import (
     top_terms,
     write_trec_run,
 )
-
-
-@pytest.fixture
-def toy_beir(tmp_path: Path) -> Path:
-    return write_toy_beir(tmp_path / "toy")
-
-
-@pytest.fixture(autouse=True)
-def _private_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
 
 
 class WordEncoder(torch.nn.Module):

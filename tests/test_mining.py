@@ -7,22 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
-from test_data import user_error, write_toy_beir
+from test_data import user_error
 
 from spladectl.data import load_beir, load_training_data, mine_hard_negatives, mining
 from spladectl.data.mining import cached_hard_negatives
 
 SCIFACT = Path(os.environ.get("SPLADECTL_SCIFACT", Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"))
-
-
-@pytest.fixture
-def toy_beir(tmp_path: Path) -> Path:
-    return write_toy_beir(tmp_path / "toy")
-
-
-@pytest.fixture(autouse=True)
-def _private_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
 
 
 def assert_no_positive(root: Path, split: str, negatives: dict[str, list[str]]) -> None:
