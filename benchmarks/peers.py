@@ -169,8 +169,12 @@ def run_sentence_transformers(args, triples: list[dict]) -> dict:
     import torch
     from datasets import Dataset
     from sentence_transformers.base.sampler import DefaultBatchSampler
-    from sentence_transformers.sparse_encoder import (SparseEncoder, SparseEncoderTrainer,
-                                                      SparseEncoderTrainingArguments, losses)
+    from sentence_transformers.sparse_encoder import (
+        SparseEncoder,
+        SparseEncoderTrainer,
+        SparseEncoderTrainingArguments,
+        losses,
+    )
     from torch.utils.data import SequentialSampler
     from transformers import TrainerCallback
     from transformers.utils import logging as hf_logging
@@ -478,7 +482,7 @@ def main(argv=None) -> int:
 
     from spladectl.model import resolve_model_path
 
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
     log(f"preparing {args.steps} × {args.batch_size} triples from {args.data} (BM25 negatives, cached) …")
     triples = prepare_examples(args, tokenizer)

@@ -33,9 +33,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -169,7 +170,7 @@ def load_tokenizer(model: str):
         return AutoTokenizer.from_pretrained(resolve_model_path(model))
     except SpladectlError:
         raise
-    except Exception as exc:  # noqa: BLE001 - whatever transformers raises is about the model name
+    except Exception as exc:  # whatever transformers raises here is about the model name
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SpladectlError(f"--model: cannot load the tokenizer of {model!r} ({detail})") from exc
 
@@ -302,7 +303,7 @@ def estimate_step_flops(model_config: Any, query_tokens: tuple[int, int], doc_to
     """
     L = model_config.num_hidden_layers
     H = model_config.hidden_size
-    I = getattr(model_config, "intermediate_size", 4 * H)  # noqa: E741 - the usual name
+    I = getattr(model_config, "intermediate_size", 4 * H)  # the usual name
     V = model_config.vocab_size
     total = 0
     for texts, T in (query_tokens, doc_tokens):
@@ -426,7 +427,7 @@ def bench_precision(settings: BenchSettings, precision: str, examples, pm, log: 
         split = run.state.split_factor
         try:
             step_flops, flops_source = count_step_flops(run.step), "FlopCounterMode"
-        except Exception as exc:  # an op the counter cannot trace: fall back to the formula
+        except Exception as exc:  # noqa: BLE001 - an op the counter cannot trace: fall back to the formula
             log(f"  {precision}: FlopCounterMode failed ({type(exc).__name__}: {exc}); estimating FLOPs")
             batch = run.trainer._next_micro_batch()
             step_flops = estimate_step_flops(run.state.model.config, tuple(batch.query_ids.shape),
@@ -726,7 +727,7 @@ def _child_main() -> int:
 
     request = json.loads(sys.stdin.read())
     settings = BenchSettings(**request["settings"])
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
     try:
         row = bench_one(settings, request["precision"], log=log, own_process=True)
     except SpladectlError as exc:
@@ -747,6 +748,10 @@ def _si(value: float | None, unit: str = "FLOP/s") -> str:
     return f"{value:.0f} {unit}"
 
 
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("" if n == 1 else "s")
+
+
 def render_table(rows: list[dict[str, Any]], console) -> None:
     from rich import box
     from rich.table import Table
@@ -757,7 +762,7 @@ def render_table(rows: list[dict[str, Any]], console) -> None:
     caption = None
     if ok:
         caption = (f"{first['model']}, batch {first['batch_size']}, query/doc ≤ {first['max_query_length']}/"
-                   f"{first['max_doc_length']} tokens, {first['threads']} threads, median of {first['steps']} steps "
+                   f"{first['max_doc_length']} tokens, {_threads(first['threads'])}, median of {first['steps']} steps "
                    f"after {first['warmup']} warm-up; {first['optimizer']}")
     table = Table(title=f"spladectl bench on {first['device']}", caption=caption, box=box.SIMPLE_HEAD)
     show_max = any("max_batch_size" in r for r in ok)
@@ -780,12 +785,13 @@ def render_table(rows: list[dict[str, Any]], console) -> None:
     console.print(table)
     if ok:
         peaks = ", ".join(f"{r['precision']} {_si(r['matmul_peak_flops_per_s'])}" for r in ok)
-        console.print(f"matmul peak of this {first['device']} ({first['threads']} threads): {peaks}")
+        console.print(f"matmul peak of this {first['device']} ({_threads(first['threads'])}): {peaks}")
         busy = [r for r in ok if r["device"] == "cpu" and r["cpu_utilisation"] < 0.75]
         if busy:
             worst = min(r["cpu_utilisation"] for r in busy)
-            console.print(f"warning: the timed steps got as little as {100 * worst:.0f}% of {first['threads']} "
-                          "threads' CPU time: other processes are using this machine, so the timings are noisy")
+            console.print(f"warning: the timed steps got as little as {100 * worst:.0f}% of the CPU time of their "
+                          f"{_threads(first['threads'])}: other processes are using this machine, so the timings "
+                          "are noisy")
         tok = first["tokenize_s"]
         where = "inside the step (dataloader workers 0)" if first["tokenize_in_step"] else "in dataloader workers"
         console.print(f"tokenizing one batch: {1e3 * tok:.1f} ms, {where}")

@@ -47,7 +47,7 @@ def bench(
     chosen = parse_precisions(precisions)  # a typo fails here, before anything loads
     if plot_file is not None:
         _check_plot_target(plot_file)
-    log = lambda msg: typer.echo(msg, err=True)  # noqa: E731
+    log = lambda msg: typer.echo(msg, err=True)
     flags = {k: v for k, v in dict(batch_size=batch_size, device=device, max_query_length=max_query_length,
                                    max_doc_length=max_doc_length,
                                    gradient_checkpointing=gradient_checkpointing).items() if v is not None}
