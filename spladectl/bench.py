@@ -502,7 +502,7 @@ def search_max_batch(probe: Callable[[int], tuple[bool, float | None, str]], sta
         if fits and peak is not None:
             fitting[b] = peak
         log(f"  batch {b}: " + ("fits" if fits else f"does not fit ({why})")
-            + ("" if peak is None else f", peak {peak / 2**30:.3f} GiB"))
+            + ("" if peak is None or "peak" in why else f", peak {peak / 2**30:.3f} GiB"))
         return fits
 
     lo = hi = None
@@ -767,12 +767,13 @@ def render_table(rows: list[dict[str, Any]], console) -> None:
     table = Table(title=f"spladectl bench on {first['device']}", caption=caption, box=box.SIMPLE_HEAD)
     show_max = any("max_batch_size" in r for r in ok)
     columns = ["precision", "step (s)", "examples/s", "speed-up", f"peak {ok[0]['memory_kind'] if ok else 'memory'}",
-               "GFLOP/step", "achieved", "of matmul peak"] + (["max batch"] if show_max else [])
+               "GFLOP/step", "achieved", "of peak"] + (["max batch"] if show_max else [])
     for name in columns:
-        table.add_column(name, justify="left" if name == "precision" else "right")
+        table.add_column(name, justify="left" if name == "precision" else "right", no_wrap=True,
+                         min_width=10 if name == "precision" else None)
     for r in rows:
         if r["status"] != "ok":
-            table.add_row(r["precision"], Text(f"{r['status']}: {r['reason']}"), *[""] * (len(columns) - 2))
+            table.add_row(r["precision"], r["status"], *[""] * (len(columns) - 2))
             continue
         cells = [r["precision"], f"{r['median_step_s']:.3f}", f"{r['examples_per_s']:.2f}",
                  "-" if r["speedup"] is None else f"{r['speedup']:.2f}×", f"{r['peak_memory_gb']:.2f} GiB",
@@ -780,18 +781,28 @@ def render_table(rows: list[dict[str, Any]], console) -> None:
                  _si(r["achieved_flops_per_s"]), f"{100 * r['matmul_share']:.0f}%"]
         if show_max:
             best = r.get("max_batch_size")
-            cells.append("-" if best is None else f"{best} (≤ {r['memory_budget_gb']:.1f} GiB)")
+            cells.append("-" if best is None else str(best))
         table.add_row(*cells)
     console.print(table)
+    for r in rows:
+        if r["status"] != "ok":
+            console.print(Text(f"{r['precision']} {r['status']}: {r['reason']}"))
     if ok:
         peaks = ", ".join(f"{r['precision']} {_si(r['matmul_peak_flops_per_s'])}" for r in ok)
-        console.print(f"matmul peak of this {first['device']} ({_threads(first['threads'])}): {peaks}")
+        console.print(f"of peak = achieved ÷ the matmul peak of this {first['device']} ({_threads(first['threads'])}): "
+                      f"{peaks}")
         busy = [r for r in ok if r["device"] == "cpu" and r["cpu_utilisation"] < 0.75]
         if busy:
             worst = min(r["cpu_utilisation"] for r in busy)
             console.print(f"warning: the timed steps got as little as {100 * worst:.0f}% of the CPU time of their "
                           f"{_threads(first['threads'])}: other processes are using this machine, so the timings "
                           "are noisy")
+        for r in ok:
+            if "max_batch_size" in r:
+                console.print(f"max batch ({r['precision']}): the largest batch whose step stayed within "
+                              f"{r['memory_budget_gb']:.2f} GiB of {r['memory_kind']}, from "
+                              f"{len(r['max_batch_probes'])} probes" + (" (none fitted)" if r["max_batch_size"] is None
+                                                                        else ""))
         tok = first["tokenize_s"]
         where = "inside the step (dataloader workers 0)" if first["tokenize_in_step"] else "in dataloader workers"
         console.print(f"tokenizing one batch: {1e3 * tok:.1f} ms, {where}")
