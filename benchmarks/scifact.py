@@ -28,7 +28,18 @@ DEFAULT_WORK = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / 
 
 # Shared by every run so that only the named knobs differ.
 COMMON = dict(model="splade-tiny", batch_size=16, grad_accum=1, n_negatives=1, max_query_length=64,
-              max_doc_length=256, warmup_ratio=0.1, scheduler="linear", seed=42, dataloader_workers=1)
+              max_doc_length=256, warmup_ratio=0.1, scheduler="linear", seed=42, dataloader_workers=1, epochs=2)
+
+
+# What `tune` tries by default; the first is the shipped default recipe for SciFact-sized data.
+DEFAULT_VARIANTS = ["lr=1e-4,epochs=2", "lr=5e-5,epochs=2"]
+
+
+def fast_precision() -> str:
+    """bf16-mixed where this machine has native bf16, else 32-true: what tuning and every evaluation run in."""
+    from spladectl.hardware import detect
+
+    return "bf16-mixed" if detect().has_bf16 else "32-true"
 
 
 def is_dev(query_id: str) -> bool:
@@ -57,23 +68,54 @@ def _text_only(dataset, doc_id: str) -> str:
     return joined[len(title) + 1:] if title and joined.startswith(title + " ") else joined
 
 
-def train_run(data: Path, split: str, out: Path, *, precision: str, lr: float, epochs: int, lambda_scale: float = 1.0,
-              eval_data: Path | None = None, eval_split: str = "dev") -> dict:
+SPECIAL = {"lambda_scale", "skip_negatives"}
+
+
+def parse_variant(text: str) -> dict:
+    """'lr=1e-4,n_negatives=4,lambda_scale=0' -> settings on top of COMMON.
+
+    Keys are TrainConfig fields, plus lambda_scale (multiplies the default λq 5e-4 / λd 3e-4) and skip_negatives
+    (drop the N best-ranked BM25 negatives of every query, which are the likeliest unjudged positives)."""
+    from spladectl.config import TrainConfig
+
+    fields = TrainConfig.__dataclass_fields__
+    out: dict = {}
+    for item in filter(None, text.split(",")):
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        if key not in fields and key not in SPECIAL:
+            sys.exit(f"variant {text!r}: unknown setting {key!r}")
+        default = getattr(TrainConfig(), key, None)
+        kind = {"lambda_scale": float, "skip_negatives": int}.get(key) or (int if default is None else type(default))
+        out[key] = (raw.lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
+    return out
+
+
+def variant_name(settings: dict) -> str:
+    return "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in settings.items()) or "defaults"
+
+
+def train_run(data: Path, split: str, out: Path, *, precision: str, settings: dict, eval_data: Path | None = None,
+              eval_split: str = "dev") -> dict:
     from spladectl.config import TrainConfig
     from spladectl.data import load_training_data
     from spladectl.engine import Trainer
     from spladectl.evaluate import evaluate_encoder, load_beir
     from spladectl.plugins import load_plugins
 
+    settings = dict(settings)
+    scale, skip = settings.pop("lambda_scale", 1.0), settings.pop("skip_negatives", 0)
     # Unstemmed BM25 mining, whether or not PyStemmer is installed, so every run sees the same negatives.
     examples = load_training_data(str(data), split=split, show_progress=False, stem=False)
-    config = TrainConfig(**COMMON, data=str(data), output_dir=str(out), precision=precision, lr=lr, epochs=epochs)
-    config.lambda_q *= lambda_scale
-    config.lambda_d *= lambda_scale
+    for example in examples:
+        example.negatives = example.negatives[skip:]
+    config = TrainConfig(**{**COMMON, **settings}, data=str(data), output_dir=str(out), precision=precision)
+    config.lambda_q *= scale
+    config.lambda_d *= scale
     eval_fn = None
     if eval_data is not None:
         dev = load_beir(eval_data, eval_split)
-        eval_fn = lambda enc: evaluate_encoder(enc, dev, precision="bf16-mixed", show_progress=False)  # noqa: E731
+        eval_fn = lambda enc: evaluate_encoder(enc, dev, precision=fast_precision(), show_progress=False)  # noqa: E731
     trainer = Trainer(config, examples, pm=load_plugins(), eval_fn=eval_fn, log=lambda m: print(m, file=sys.stderr))
     if eval_fn is not None:
         config.eval_every = trainer.state.steps_per_epoch
@@ -89,28 +131,33 @@ def tune(args):
     from spladectl.model import SpladeEncoder
 
     dev_dir = carve_dev(args.data, args.work)
-    zero = evaluate_encoder(SpladeEncoder.from_pretrained("splade-tiny"), load_beir(dev_dir, "dev"),
-                            precision="bf16-mixed", show_progress=False)
+    zero_file = args.work / "zero-shot-dev.json"
+    if not zero_file.is_file():
+        zero = evaluate_encoder(SpladeEncoder.from_pretrained("splade-tiny"), load_beir(dev_dir, "dev"),
+                                precision=fast_precision(), show_progress=False)
+        zero_file.write_text(json.dumps(zero))
+    zero = json.loads(zero_file.read_text())
     print(f"zero-shot splade-tiny: dev nDCG@10 {zero['nDCG@10']:.4f}", flush=True)
     results = {}
-    for lr, scale in [(lr, scale) for scale in args.lambda_scales for lr in args.lrs]:
-        out = args.work / (f"tune-lr{lr:g}" + (f"-lambda{scale:g}" if scale != 1.0 else ""))
+    for text in args.variants:
+        settings = parse_variant(text)
+        epochs = settings.get("epochs", COMMON["epochs"])
+        out = args.work / f"tune-{variant_name(settings)}"
         eval_file = out / "eval.jsonl"
-        done = eval_file.is_file() and len(eval_file.read_text().splitlines()) == args.epochs and (out / "final").is_dir()
+        done = eval_file.is_file() and len(eval_file.read_text().splitlines()) == epochs and (out / "final").is_dir()
         if not done:  # a finished run is reused, so an interrupted tune picks up where it stopped
-            train_run(dev_dir, "train", out, precision="bf16-mixed", lr=lr, epochs=args.epochs, lambda_scale=scale,
-                      eval_data=dev_dir)
+            train_run(dev_dir, "train", out, precision=fast_precision(), settings=settings, eval_data=dev_dir)
         evals = [json.loads(line) for line in eval_file.read_text().splitlines()]
-        results[(lr, scale)] = [(e["step"], e["nDCG@10"]) for e in evals]
-        print(f"lr {lr:g}, λ × {scale:g}: dev nDCG@10 by step {results[(lr, scale)]}", flush=True)
-    best = max(((lr, scale, i + 1, ndcg) for (lr, scale), rows in results.items() for i, (_, ndcg) in enumerate(rows)),
-               key=lambda t: t[3])
-    summary = {"zero_shot_dev_nDCG@10": zero["nDCG@10"],
-               "dev": {f"lr={lr:g} lambda_scale={scale:g}": v for (lr, scale), v in results.items()},
-               "best": {"lr": best[0], "lambda_scale": best[1], "epochs": best[2], "dev_nDCG@10": best[3]}}
+        results[text] = [round(e["nDCG@10"], 4) for e in evals]
+        print(f"{text}: dev nDCG@10 after each epoch {results[text]}", flush=True)
+    best = max(((text, i + 1, ndcg) for text, rows in results.items() for i, ndcg in enumerate(rows)),
+               key=lambda t: t[2])
+    summary = {"zero_shot_dev_nDCG@10": zero["nDCG@10"], "dev_nDCG@10_by_epoch": results,
+               "best": {"variant": best[0], "epochs": best[1], "dev_nDCG@10": best[2]}}
     (args.work / "tune.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
-    return best
+    chosen = {**parse_variant(best[0]), "epochs": best[1]}
+    return ",".join(f"{k}={v}" for k, v in chosen.items())
 
 
 def final(args) -> None:
@@ -129,14 +176,13 @@ def final(args) -> None:
     for stem in (False, True):
         row(f"BM25 (bm25s{', stemmed' if stem else ''})", bm25_baseline(test, stem=stem))
     zero = SpladeEncoder.from_pretrained("splade-tiny")
-    row("splade-tiny zero-shot", evaluate_encoder(zero, test, precision="bf16-mixed", show_progress=False))
+    row("splade-tiny zero-shot", evaluate_encoder(zero, test, precision=fast_precision(), show_progress=False))
     for precision in ("32-true", "bf16-mixed"):
         out = args.work / f"final-{precision}"
-        result = train_run(args.data, "train", out, precision=precision, lr=args.lr, epochs=args.epochs,
-                           lambda_scale=args.lambda_scale)
+        result = train_run(args.data, "train", out, precision=precision, settings=parse_variant(args.variant))
         model = SpladeEncoder.from_pretrained(result["final"])
         row(f"splade-tiny fine-tuned, {precision}",
-            evaluate_encoder(model, test, precision="bf16-mixed", show_progress=False), result["train_minutes"])
+            evaluate_encoder(model, test, precision=fast_precision(), show_progress=False), result["train_minutes"])
     (args.work / "results.json").write_text(json.dumps(rows, indent=2))
     print(markdown(rows))
     if args.plot:
@@ -182,20 +228,20 @@ def main() -> None:
     parser.add_argument("stage", choices=["tune", "final", "all"])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--work-dir", dest="work", type=Path, default=DEFAULT_WORK)
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 2e-4], help="tune: learning rates to try")
-    parser.add_argument("--epochs", type=int, default=2, help="tune: epochs per run; final: epochs to train")
-    parser.add_argument("--lambda-scales", type=float, nargs="+", default=[1.0],
-                        help="tune: multipliers of the default FLOPS weights (λq 5e-4, λd 3e-4) to try")
-    parser.add_argument("--lr", type=float, default=5e-5, help="final: the learning rate chosen by tune")
-    parser.add_argument("--lambda-scale", type=float, default=1.0, help="final: the FLOPS multiplier chosen by tune")
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                        help="tune: settings to try, each 'key=value,...' over the shared ones (TrainConfig fields, "
+                             "lambda_scale, skip_negatives); dev is evaluated after every epoch")
+    parser.add_argument("--variant", default=None, help="final: the settings tune chose (epochs included)")
     parser.add_argument("--plot", type=Path, default=None, help="final: write the training curves here (PNG)")
     args = parser.parse_args()
     if not (args.data / "corpus.jsonl").is_file():
         sys.exit(f"SciFact not found at {args.data} (set SPLADECTL_SCIFACT)")
     args.work.mkdir(parents=True, exist_ok=True)
     if args.stage == "all":  # tune, then train and test once with what dev chose
-        args.lr, args.lambda_scale, args.epochs, _ = tune(args)
+        args.variant = tune(args)
         final(args)
+    elif args.stage == "final" and args.variant is None:
+        sys.exit("final needs --variant (what tune chose; see WORK/tune.json)")
     else:
         {"tune": tune, "final": final}[args.stage](args)
 

@@ -117,7 +117,7 @@ def unsupported_reason(precision: str, device: torch.device, facts: Any = None) 
 
                 facts = detect()
             if not facts.has_bf16:
-                return ("this CPU has no native bf16 (AVX512-BF16 or AMX); emulated bf16 is slower than float32"
+                return ("this CPU has no native bf16 (AVX512-BF16 or AMX): emulated, bf16 cannot beat float32 here"
                         if kind == "cpu" else "this Apple chip has no bf16 (M2 and newer)")
     if dtype == torch.float16 and kind == "cpu":
         try:

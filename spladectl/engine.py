@@ -26,7 +26,7 @@ from spladectl.data import Example
 from spladectl.errors import SpladectlError
 from spladectl.losses import LossInputs, contrastive_loss
 from spladectl.model import SpladeEncoder
-from spladectl.precision import autocast_dtype
+from spladectl.precision import autocast_dtype, low_precision_matmuls
 
 
 @dataclass
@@ -114,6 +114,7 @@ class Trainer:
         self.state.scaler = torch.amp.GradScaler(self.device.type, enabled=(config.precision == "16-mixed"))
         dtype = autocast_dtype(config.precision)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else nullcontext
+        self.low_precision_matmuls = lambda: low_precision_matmuls(self.device.type, dtype)  # forward and backward
         self.state.run_step = self._optimizer_step
         self._batches = None
         self._collapse_warned = False
@@ -213,7 +214,8 @@ class Trainer:
         while True:
             pieces = [piece for batch in batches for piece in batch.split(s.split_factor)]
             try:
-                totals = self._forward_backward(pieces)
+                with self.low_precision_matmuls():
+                    totals = self._forward_backward(pieces)
                 break
             except Exception as exc:
                 if not is_out_of_memory(exc):

@@ -19,7 +19,7 @@ from torch import nn
 
 from spladectl.errors import SpladectlError
 from spladectl.pooling import efficient_splade_pool, splade_max_pool
-from spladectl.precision import autocast_dtype, canonical_precision
+from spladectl.precision import autocast_dtype, canonical_precision, low_precision_matmuls
 
 SPLADE_TINY = "splade-tiny"
 SPLADE_CONFIG_NAME = "splade_config.json"
@@ -292,7 +292,8 @@ class SpladeEncoder(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with torch.no_grad(), low_precision_matmuls(device.type, amp_dtype), \
+                    torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 for rows in batches:
                     longest = len(ids[rows[0]])
                     input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)

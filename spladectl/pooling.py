@@ -178,11 +178,12 @@ class SpladeMaxHead(torch.autograd.Function):
 def _argmax_tokens(hidden, weight, positions, lengths, pair_example, pair_term, dtype):
     """Flat token position (b * T + t) of the max for each active (example, term) pair, recomputed in `dtype`.
 
-    Recomputing in the forward's dtype picks the same token as the forward up to exact ties (measure zero in fp32;
-    in bf16 any tied token is an equally valid subgradient). Pairs are sorted by example, as nonzero() returns them.
+    Recomputing from the forward's operands (rounded to `dtype`) picks the same token as the forward up to exact ties
+    (measure zero in fp32; in bf16 any tied token is an equally valid subgradient). Pairs are sorted by example, as nonzero() returns them.
     """
     B, T, H = hidden.shape
     hidden_flat = hidden.reshape(B * T, H)
+    acc = _output_dtype(dtype)
     token = torch.zeros_like(pair_term)
     counts = torch.bincount(pair_example, minlength=B).tolist()
     start_pair, start_tok = 0, 0
@@ -190,11 +191,13 @@ def _argmax_tokens(hidden, weight, positions, lengths, pair_example, pair_term, 
         n_pairs, n_tok = counts[b], lengths[b]
         if n_pairs and n_tok:
             tok_pos = positions[start_tok : start_tok + n_tok]
-            h = hidden_flat.index_select(0, tok_pos).to(dtype)  # (L, H)
+            # bf16-rounded operands multiplied in fp32: the same products as the forward's, but fp32 matmuls do not
+            # leave a oneDNN kernel behind for every new (pairs × tokens) shape, as bf16 ones do.
+            h = hidden_flat.index_select(0, tok_pos).to(dtype).to(acc)  # (L, H)
             step = max(1, _BACKWARD_BLOCK_ELEMENTS // max(n_tok, H))
             for p0 in range(start_pair, start_pair + n_pairs, step):
                 p1 = min(p0 + step, start_pair + n_pairs)
-                w = weight.index_select(0, pair_term[p0:p1]).to(dtype)  # (P, H)
+                w = weight.index_select(0, pair_term[p0:p1]).to(dtype).to(acc)  # (P, H)
                 # Along contiguous rows, and max().indices: both several times faster than argmax(0) on CPU.
                 token[p0:p1] = tok_pos[(w @ h.T).max(1).indices]
         start_pair += n_pairs

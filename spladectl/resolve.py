@@ -312,7 +312,7 @@ class _State:
         elif device == "cpu" and precision == "bf16-mixed" and not has_bf16:
             self.change(
                 "precision", "32-true",
-                f"{who}; this CPU has no native bf16 (AVX512-BF16 or AMX), where it is slower than float32: "
+                f"{who}; this CPU has no native bf16 (AVX512-BF16 or AMX), where it cannot be faster than float32: "
                 "using 32-true",
             )
         elif device == "mps" and precision == "bf16-mixed" and not has_bf16:
