@@ -173,3 +173,14 @@ def test_points_refused_before_training_are_recorded_as_failed(cli, tmp_path):
     for point, error in errors.items():
         record = load_record(root / "refused" / point)
         assert (record.status, record.error, record.sweep) == ("failed", error, "refused") and record.ended
+
+
+def test_the_documented_experiment_file_loads(tmp_path, command):
+    import re
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "orchestration.md").read_text()
+    (block,) = re.findall(r"```toml\n(.*?)```", docs, flags=re.S)
+    exp = load_experiment(write(tmp_path, block, "lambda-grid.toml"), command)
+    assert (exp.name, exp.metric, len(exp.points)) == ("lambda-grid", "nDCG@10", 7)
+    assert exp.points[1].name == "lambda_q=0.0001,precision=bf16-mixed" and exp.points[-1].name == "long-warm-up"
