@@ -78,6 +78,12 @@ def test_file_stem_names_the_sweep_and_no_variation_is_one_point(tmp_path, comma
     assert exp.name == "lr-check" and [(p.name, p.settings) for p in exp.points] == [("base", {"lr": 1e-4})]
 
 
+def test_a_file_name_that_cannot_name_a_directory_asks_for_a_name(tmp_path, command):
+    with pytest.raises(SpladectlError, match=r"name 'my grid' \(the file's name\)") as info:
+        load_experiment(write(tmp_path, '[base]\nlr = 1e-4\n', "my grid.toml"), command)
+    assert 'set name = "..."' in info.value.format_message()
+
+
 def test_long_or_unsafe_names_stay_unique():
     a, b = point_name({"data": "dir/a.jsonl"}), point_name({"data": "dir_a.jsonl"})
     assert a != b and "/" not in a

@@ -77,7 +77,9 @@ def load_experiment(path: str | Path, command) -> Experiment:
     where = str(path)
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not name.strip() or slug(name, MAX_NAME) != name:
-        raise SpladectlError(f"{where}: name {name!r}: use letters, digits and ._=+,@- (it names a directory)")
+        raise SpladectlError(f"{where}: name {name!r}" + ("" if "name" in data else " (the file's name)")
+                             + ": use letters, digits and ._=+,@- (it names a directory)",
+                             hint=None if "name" in data else 'set name = "..." at the top of the file')
     base = _options(_table(data, "base", where), names, f"{where}: [base]")
     grid = _options(_table(data, "grid", where), names, f"{where}: [grid]")
     for key, values in grid.items():
