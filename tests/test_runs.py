@@ -155,6 +155,16 @@ def test_runs_list_agrees_with_the_run_directories(swept, cli):
     assert cli("runs", "list", "--runs-root", root, "--status", "done").exit_code == 2
 
 
+def test_one_unreadable_run_does_not_hide_the_others(swept, cli, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(swept["root"], root)
+    (root / SWEEP / "bad-data" / "run.json").write_text("{ not json")
+    result = cli("runs", "list", "--runs-root", str(root), "--json")
+    assert result.exit_code == 0
+    assert sorted(r["id"] for r in json.loads(result.stdout)) == sorted(f"{SWEEP}/{p}" for p in POINTS[:3])
+    assert f"warning: skipped {root / SWEEP / 'bad-data' / 'run.json'}: cannot read the run record" in result.stderr
+
+
 def test_runs_show_agrees_with_the_run_directory(swept, cli):
     d = run_dir(swept, "short-warm-up")
     result = cli("runs", "show", f"{SWEEP}/short", "--runs-root", str(swept["root"]), "--json")  # a unique prefix

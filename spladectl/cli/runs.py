@@ -53,12 +53,15 @@ def list_runs(
     if bad:
         raise SpladectlError(f"--status {', '.join(bad)}: expected one of {', '.join(STATUS_CHOICES)}")
     wanted_precision = canonical_precision(precision, where="--precision") if precision else None
-    records = [r for r in all_runs(runs_root)
+    problems: list[str] = []
+    records = [r for r in all_runs(runs_root, problems)
                if (not status or r.effective_status() in status)
                and (profile is None or r.profile == profile)
                and (wanted_precision is None or r.precision == wanted_precision)
                and all(t in r.tags for t in tag)
                and (sweep is None or r.sweep == sweep)]
+    for problem in problems:
+        typer.echo(f"warning: skipped {problem}", err=True)
     if as_json:
         typer.echo(json.dumps([_as_json(r) for r in records], indent=2, default=str))
         return

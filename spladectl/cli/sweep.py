@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
 
 
 def sweep(
-    experiment: Annotated[Path, typer.Argument(help="The experiment file: [base], [grid] and/or [[points]] of train options (docs/orchestration.md).")],
+    experiment: Annotated[Path, typer.Argument(help="The experiment file: a base, a grid and/or a list of points of train options (docs/orchestration.md).")],
     runs_root: Annotated[Path, typer.Option("--runs-root", envvar="SPLADECTL_RUNS_ROOT", help="Where the sweep's directory goes (default ./runs).")] = Path("runs"),
     resume: Annotated[bool, typer.Option("--resume", help="Skip finished points, retry failed and interrupted ones.")] = False,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Run only shard i of n (e.g. 2/4): every n-th point, for n machines or GPUs.")] = None,

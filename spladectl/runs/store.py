@@ -70,9 +70,16 @@ def run_dirs(root: Path) -> list[Path]:
     return found
 
 
-def list_runs(root: Path) -> list[RunRecord]:
-    """Every run under `root`, oldest first, each named by where it is now."""
-    records = [_renamed(load_record(path), root) for path in run_dirs(root)]
+def list_runs(root: Path, problems: list[str] | None = None) -> list[RunRecord]:
+    """Every run under `root`, oldest first, each named by where it is now. A run.json that cannot be read (edited
+    by hand, from a newer format) is left out and described in `problems`, so one bad run never hides the others."""
+    records = []
+    for path in run_dirs(root):
+        try:
+            records.append(_renamed(load_record(path), root))
+        except SpladectlError as exc:
+            if problems is not None:
+                problems.append(exc.format_message())
     return sorted(records, key=lambda r: (r.started, r.id))
 
 
