@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -62,9 +63,14 @@ flops_warmup_steps = 1
 name = "bad-data"
 data = "{bad}"
 """)
+    # The data and the experiment live in a git repository of their own, whose commit the runs record.
+    git = ["git", "-C", str(tmp), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "data"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
     root = tmp / "runs"
     result = cli("sweep", str(experiment), "--runs-root", str(root), "--no-progress", "--json", env=WIDE)
-    return {"root": root, "experiment": experiment, "bad": bad, "result": result, "tmp": tmp,
+    return {"root": root, "experiment": experiment, "bad": bad, "result": result, "tmp": tmp, "commit": commit,
             "summary": json.loads(result.stdout) if result.stdout.strip() else None}
 
 
@@ -99,6 +105,9 @@ def test_the_sweep_records_every_point_and_ranks_the_finished_ones(swept):
         assert (d / "final" / "model.safetensors").is_file()
         assert json.loads((d / "env.json").read_text())["torch"]  # the environment report of the run
         assert record["git"]["cwd"]["commit"]  # the tests run inside the repository
+        for name in ("data", "eval_data", "experiment"):
+            assert record["git"][name]["commit"] == swept["commit"], name
+            assert record["git"][name]["dirty"] is False  # runs/ is untracked, which does not count
 
     # each point trained with its own settings
     steps = {p: read_jsonl(run_dir(swept, p) / "metrics.jsonl") for p in POINTS[:3]}

@@ -69,7 +69,7 @@ def sweep(
         ctx = command.make_context("train", argv)  # the CLI's own parsing and checks, as if typed
         with ctx:
             target = RunTarget(dir=run_dir, id=f"{exp.name}/{point.name}", sweep=exp.name, point=point.name,
-                               settings=point.settings)
+                               settings=point.settings, experiment=experiment)
             run_training(ctx.params, given=options.explicit(ctx),
                          command_line=options.command_line(command, point.settings), target=target, log=log)
 

@@ -99,6 +99,7 @@ class RunTarget:
     sweep: str
     point: str
     settings: dict[str, Any]
+    experiment: Path | None = None
 
 
 # With --from-run, only what does not change the training itself may be given.
@@ -136,7 +137,9 @@ def run_training(params: dict[str, Any], *, given: set[str], command_line: str |
     pm = plugin_registry.load_plugins()
     before = {name for name, _ in pm.list_name_plugin()}
     try:
-        with ActiveRun(record, pm=pm, facts=facts, log=log) as run:
+        git_paths = {"experiment": str(target.experiment) if target is not None and target.experiment else None,
+                     "profile": params["profile"] if params["profile"] and Path(params["profile"]).is_file() else None}
+        with ActiveRun(record, pm=pm, facts=facts, log=log, git_paths=git_paths) as run:
             log(f"run {record.id} in {_shown(record.path)}")
             result = _train(params, run, pm=pm, facts=facts, source=source, tracks=tracks, checkpoint=checkpoint,
                             log=log)

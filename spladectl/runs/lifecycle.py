@@ -23,8 +23,10 @@ from spladectl.runs.summary import summarize
 
 
 class ActiveRun:
-    def __init__(self, record: RunRecord, *, pm=None, facts=None, log: Callable[[str], None] = print):
+    def __init__(self, record: RunRecord, *, pm=None, facts=None, log: Callable[[str], None] = print,
+                 git_paths: dict[str, str | None] | None = None):
         self.record = record
+        self.git_paths = git_paths or {}  # files the run depends on besides the data: an experiment, a profile
         self.pm = pm
         self.facts = facts
         self.log = log
@@ -41,7 +43,7 @@ class ActiveRun:
         self.path.mkdir(parents=True, exist_ok=True)
         record.status, record.error, record.traceback, record.ended = "running", None, None, None
         record.host, record.pid = socket.gethostname(), os.getpid()
-        record.git = run_git_state({"cwd": os.getcwd()})
+        record.git = run_git_state({"cwd": os.getcwd(), **self.git_paths})
         record.save()
         self._write_env_report()
         return self
