@@ -18,6 +18,7 @@ class TrainConfig:
     # what to train on and where results go
     model: str = "splade-tiny"
     data: str | None = None  # None: the demo set shipped in the package
+    data_split: str = "train"  # the qrels split trained on when `data` is a BEIR directory
     output_dir: str = "output"
     # hardware, from the resolved profile
     profile: str = "cpu"
@@ -55,6 +56,7 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 1
     memory_tracking: bool = False
+    track: list[str] = field(default_factory=list)  # experiment trackers mirroring the run: tensorboard, mlflow
     plugins: list[str] = field(default_factory=list)
     # evaluation during training
     eval_data: str | None = None

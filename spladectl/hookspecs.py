@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from spladectl.engine import TrainState
     from spladectl.losses import LossInputs
+    from spladectl.runs.record import RunRecord
 
 hookspec = pluggy.HookspecMarker("spladectl")
 hookimpl = pluggy.HookimplMarker("spladectl")
@@ -88,6 +89,13 @@ def on_checkpoint_saved(state: "TrainState", path: str) -> None:
 @hookspec
 def on_train_end(state: "TrainState", status: str) -> None:
     """Called once when training stops, also on failure; `status` is "finished", "failed" or "interrupted"."""
+
+
+@hookspec
+def on_run_end(state: "TrainState", run: "RunRecord") -> None:
+    """Called by `spladectl train` (and each sweep point) once the run directory is complete: final model written,
+    evaluations done, run.json saved with `run.status` and the summary metrics. Also after a failure or Ctrl-C, if
+    training had started. Not called when a Trainer is driven from Python without the run machinery."""
 
 
 @hookspec

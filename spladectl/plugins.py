@@ -34,6 +34,8 @@ DEFAULT_PLUGINS = (
     "spladectl.default_plugins.optim",
     "spladectl.default_plugins.flops",
     "spladectl.default_plugins.distillation",
+    "spladectl.default_plugins.track_tensorboard",
+    "spladectl.default_plugins.track_mlflow",
 )
 
 

@@ -56,7 +56,10 @@ def test_malformed_row_names_file_and_line(cli, tmp_path):
     result = cli("train", "--data", str(bad), "-o", str(tmp_path / "out"), *SMALL, env={"COLUMNS": "2000"})
     assert result.exit_code == 2
     assert f"{bad}:2" in result.output and "Traceback" not in result.output
-    assert not (tmp_path / "out").exists()  # nothing started, nothing half-written
+    # The run records why it failed, and nothing of a training is half-written.
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["status"] == "failed" and f"{bad}:2" in run["error"] and run["traceback"] is None
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.toml", "env.json", "run.json"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -27,6 +27,8 @@ from spladectl.config import TrainConfig
 from spladectl.engine import Trainer
 from spladectl.errors import PluginError, SpladectlError
 from spladectl.hookspecs import hookimpl
+from spladectl.runs.lifecycle import ActiveRun
+from spladectl.runs.record import RunRecord
 from tiny import TOPICS, config, examples, metrics_rows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -674,7 +676,9 @@ def test_the_documented_examples_run(tmp_path, manager, capsys):
     c = config(tmp_path, save_every=1, eval_every=1, lambda_d=3e-4)
     trainer = Trainer(c, examples(), pm=manager, progress=False, eval_fn=lambda encoder: evaluate_encoder(
         encoder, dataset, max_query_length=16, max_doc_length=32, show_progress=False))
-    trainer.fit()
+    with ActiveRun(RunRecord(id="docs-run", dir=str(tmp_path / "out")), pm=manager) as run:  # what train does
+        run.attach_trainer(trainer)
+        trainer.fit()
     state, rows, out = trainer.state, metrics_rows(tmp_path), tmp_path / "out"
 
     assert isinstance(state.optimizer, torch.optim.SGD) and state.optimizer.defaults["momentum"] == 0.9
@@ -690,6 +694,7 @@ def test_the_documented_examples_run(tmp_path, manager, capsys):
     assert (out / "archive" / "step-1").is_dir() and (out / "archive" / "step-2").is_dir()  # on_checkpoint_saved
     assert (out / "STATUS").read_text() == "finished at step 2\n"  # on_train_end
     assert ("examples seen", "8") in plugins.summary_rows(state, manager)  # summary_rows
+    assert (tmp_path / "results.tsv").read_text() == f"docs-run\tfinished\t{rows[-1]['loss']:.4f}\n"  # on_run_end
 
 
 def test_the_package_walkthrough_quotes_the_real_package():

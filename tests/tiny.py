@@ -48,3 +48,12 @@ def config(tmp_path, **overrides) -> TrainConfig:
 
 def metrics_rows(tmp_path) -> list[dict]:
     return [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+
+
+def write_eval_beir(root: Path) -> Path:
+    """A BEIR directory of the same topics (all eight passages, the first four queries) for evaluation during runs."""
+    from spladectl.data import write_beir
+
+    return write_beir(root, {f"d{i}": p for i, (_, p, _) in enumerate(TOPICS)},
+                      {f"q{i}": q for i, (q, _, _) in enumerate(TOPICS[:4])},
+                      {"test": {f"q{i}": {f"d{i}": 1} for i in range(4)}})

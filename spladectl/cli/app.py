@@ -13,6 +13,8 @@ from spladectl.errors import SpladectlError
 # Each module exposes `register(app)`; listing them here keeps start-up imports lazy and the order of --help stable.
 COMMAND_MODULES = (
     "spladectl.cli.train",
+    "spladectl.cli.sweep",
+    "spladectl.cli.runs",
     "spladectl.cli.eval",
     "spladectl.cli.search",
     "spladectl.cli.data",

@@ -1,7 +1,8 @@
 """`spladectl train`: resolve the profile for this machine, then train a SPLADE model.
 
 With no arguments it fine-tunes the embedded splade-tiny on the demo set shipped in the package and prints
-retrieval quality on the demo's held-out part before and after.
+retrieval quality on the demo's held-out part before and after. Every training is a run (spladectl/runs/): a
+directory under the runs root whose run.json says how it went, whatever happens.
 """
 
 from __future__ import annotations
@@ -9,12 +10,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 
 from spladectl.config import TrainConfig
+from spladectl.errors import SpladectlError
+from spladectl.runs import options
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 
@@ -26,11 +30,18 @@ DEMO_DEFAULTS = {"epochs": 2, "lr": 2e-4, "n_negatives": 2, "batch_size": 16, "g
 
 
 def train(
+    ctx: typer.Context,
     profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Hardware profile name or TOML path (default: detected for this machine)."),
     model: str = typer.Option("splade-tiny", "--model", "-m", help="Masked-LM checkpoint: hub name, local path, or splade-tiny (offline)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Training data: seed JSON/JSONL, TSV triples or a BEIR directory (default: the built-in demo)."),
     split: str = typer.Option("train", "--split", help="qrels split to train on when --data is a BEIR directory."),
-    output_dir: Path = typer.Option(Path("output"), "--output-dir", "-o", help="Where checkpoints, metrics.jsonl, config.toml and final/ go."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="The run directory (default: RUNS_ROOT/<run id>): checkpoints, metrics.jsonl, config.toml, final/, run.json."),
+    runs_root: Path = typer.Option(Path("runs"), "--runs-root", envvar="SPLADECTL_RUNS_ROOT", help="Where runs get their directories, and where --resume/--from-run look up run ids."),
+    name: Optional[str] = typer.Option(None, "--name", help="A word for the run id, after its timestamp (default: the data file's name, or demo)."),
+    tag: list[str] = typer.Option([], "--tag", help="Label the run (repeatable); `spladectl runs list --tag` filters on it."),
+    from_run: Optional[str] = typer.Option(None, "--from-run", help="Re-launch a run exactly (its config.toml) as a new run: a run id or directory."),
+    track: list[str] = typer.Option([], "--track", envvar="SPLADECTL_TRACK", help="Mirror the run to experiment trackers: tensorboard, mlflow (comma-separated or repeated)."),
+    mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI for --track mlflow (default: sqlite:///RUNS_ROOT/mlflow.db)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Passes over the data (default 1; the demo uses 2)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps (overrides --epochs)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Examples per micro-batch per device (default: from the profile)."),
@@ -55,63 +66,194 @@ def train(
     seed: int = typer.Option(42, "--seed", help="Seed for data order, dropout and initialisation."),
     save_every: Optional[int] = typer.Option(None, "--save-every", min=1, help="Write a checkpoint every N optimizer steps (always one at the end)."),
     keep_last: int = typer.Option(2, "--keep-last", min=1, help="Checkpoints to keep."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="'latest' or a checkpoint directory: continue that run exactly."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue a run exactly: 'latest' (the newest run, or the one in --output-dir), a run id, or a checkpoint directory."),
     plugin: list[str] = typer.Option([], "--plugin", help="module:object to register as a plugin for this run (repeatable)."),
     memory_tracking: bool = typer.Option(False, "--memory-tracking", help="Record per-step memory peaks and print a summary."),
     memory_efficient: bool = typer.Option(False, "--memory-efficient", help="Also checkpoint the encoder's activations (slower, much less memory)."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="BEIR directory to evaluate on during training."),
     eval_split: str = typer.Option("test", "--eval-split", help="qrels split of --eval-data."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", min=1, help="Evaluate every N optimizer steps; the best model goes to OUTPUT/best."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", min=1, help="Evaluate every N optimizer steps; the best model goes to RUN_DIR/best."),
     eval_metric: str = typer.Option("nDCG@10", "--eval-metric", help="Metric that picks the best checkpoint."),
     patience: Optional[int] = typer.Option(None, "--patience", min=1, help="Stop after N evaluations without improvement."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
 ) -> None:
-    """Train a SPLADE model with the resolved hardware profile; prints the settings and why they were chosen."""
+    """Train a SPLADE model with the resolved hardware profile; prints the settings and why they were chosen.
+
+    Every training is a run: a directory under the runs root (./runs, or --runs-root) holding run.json (status,
+    timing, metrics), config.toml, env.json, metrics.jsonl, checkpoints and the final model. See `spladectl runs`.
+    """
+    params = {key: value for key, value in locals().items() if key != "ctx"}
+    given = options.explicit(ctx)
+    run_training(params, given=given,
+                 command_line=options.command_line(ctx.command, {k: params[k] for k in params if k in given
+                                                                  and k not in options.NOT_RECORDED}))
+
+
+@dataclass
+class RunTarget:
+    """Where a sweep point runs: its directory and id, its sweep and point, and the settings it was given."""
+
+    dir: Path
+    id: str
+    sweep: str
+    point: str
+    settings: dict[str, Any]
+    experiment: Path | None = None
+
+
+# With --from-run, only what does not change the training itself may be given.
+FROM_RUN_OPTIONS = {"from_run", "runs_root", "output_dir", "name", "tag", "track", "mlflow_uri", "progress", "as_json"}
+
+
+def run_training(params: dict[str, Any], *, given: set[str], command_line: str | None = None,
+                 target: RunTarget | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """One training as a run: plan its directory, keep run.json true whatever happens, report at the end.
+
+    `params` are the train command's parameters by name (what click parsed), `given` the names set explicitly.
+    Sweeps call this for each point with `target`. Returns the summary `--json` prints.
+    """
     from spladectl import plugins as plugin_registry
-    from spladectl.resolve import resolve_for_machine
+    from spladectl.hardware import detect
+    from spladectl.runs.lifecycle import ActiveRun
+    from spladectl.runs.tracking import parse_track
 
-    demo = data is None
-    log = (lambda msg: typer.echo(msg, err=True)) if as_json else typer.echo
-    flags = {k: v for k, v in dict(batch_size=batch_size, grad_accum=grad_accum, precision=precision, device=device,
-                                   force_device=force_device, max_query_length=max_query_length,
-                                   max_doc_length=max_doc_length).items() if v is not None}
-    if demo:
-        for key in ("batch_size", "grad_accum", "max_query_length", "max_doc_length"):
-            flags.setdefault(key, DEMO_DEFAULTS[key])
-    resolved = resolve_for_machine(profile, flags=flags, env=os.environ)
+    as_json = params["as_json"]
+    if log is None:
+        log = (lambda msg: typer.echo(msg, err=True)) if as_json else typer.echo
+    root = Path(params["runs_root"])
+    source = _from_run_source(params, given, root)
+    tracks = parse_track(params["track"]) if params["track"] else None
+    record, checkpoint = _plan(params, root, target, source)
+    if not record.resumes:  # a resumed run keeps the command that started it
+        record.command = command_line
+        record.options = dict(target.settings) if target is not None else options.recorded(params, given)
+    record.tags = list(dict.fromkeys([*record.tags, *params["tag"]]))
+    record.runs_root = str(root.resolve())
+    if source is not None:
+        record.from_run = source.id
 
+    facts = detect()
     pm = plugin_registry.load_plugins()
-    for spec in plugin:
-        plugin_registry.add_plugin(spec)
+    before = {name for name, _ in pm.list_name_plugin()}
+    try:
+        git_paths = {"experiment": str(target.experiment) if target is not None and target.experiment else None,
+                     "profile": params["profile"] if params["profile"] and Path(params["profile"]).is_file() else None}
+        with ActiveRun(record, pm=pm, facts=facts, log=log, git_paths=git_paths) as run:
+            log(f"run {record.id} in {_shown(record.path)}")
+            result = _train(params, run, pm=pm, facts=facts, source=source, tracks=tracks, checkpoint=checkpoint,
+                            log=log)
+    finally:
+        # --plugin is for this run only: the next run in this process (a sweep's next point) must not inherit it.
+        for name, plugin in list(pm.list_name_plugin()):
+            if name not in before and plugin is not None and pm.sources.get(name) == "--plugin":
+                pm.unregister(plugin)
+                pm.sources.pop(name, None)
+    result.update(run=record.id, run_dir=record.dir, warnings=record.warnings)
+    _report(result, log, as_json)
+    return result
 
-    hardware = {k: v for k, v in resolved.values.items() if k != "world_size"}
-    config = TrainConfig(
-        model=model, data=data, output_dir=str(output_dir), profile=resolved.name, **hardware,
-        epochs=epochs or (DEMO_DEFAULTS["epochs"] if demo else 1), max_steps=max_steps,
-        lr=lr if lr is not None else (DEMO_DEFAULTS["lr"] if demo else TrainConfig.lr),
-        seed=seed, save_every=save_every, keep_last=keep_last, plugins=list(plugin),
-        memory_tracking=memory_tracking, eval_data=eval_data, eval_split=eval_split, eval_every=eval_every,
-        eval_metric=eval_metric, early_stopping_patience=patience, in_batch_negatives=in_batch_negatives,
-    )
-    if demo and n_negatives is None:
-        n_negatives = DEMO_DEFAULTS["n_negatives"]
-    for key, value in dict(lambda_q=lambda_q, lambda_d=lambda_d, flops_warmup_steps=flops_warmup_steps,
-                           flops_schedule=flops_schedule, regularizer=regularizer, distillation=distillation,
-                           distillation_weight=distillation_weight, n_negatives=n_negatives, scheduler=scheduler,
-                           warmup_ratio=warmup_ratio).items():
-        if value is not None:
-            setattr(config, key, value)
-    if memory_efficient:
-        config.gradient_checkpointing = True
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _from_run_source(params: dict[str, Any], given: set[str], root: Path):
+    if not params["from_run"]:
+        return None
+    from spladectl.runs import find_run
+
+    others = sorted(given - FROM_RUN_OPTIONS)
+    if others:
+        spelled = ", ".join("--" + name.replace("_", "-") for name in others)
+        raise SpladectlError(f"--from-run re-launches a run exactly; it does not combine with {spelled}",
+                             hint="copy the run's config.toml settings into a new `spladectl train` command "
+                                  "(`spladectl runs show RUN` prints the command line) and change them there")
+    source = find_run(params["from_run"], root)
+    if not (source.path / "config.toml").is_file():
+        raise SpladectlError(f"--from-run {params['from_run']}: {source.path / 'config.toml'} is missing",
+                             hint="the run failed before its configuration was resolved; fix and train it anew")
+    return source
+
+
+def _plan(params: dict[str, Any], root: Path, target: RunTarget | None, source) -> tuple[Any, str | None]:
+    """The run's record (a new one, or the existing one being resumed) and the checkpoint to resume from."""
+    from spladectl.runs.record import RUN_FILE, RunRecord, load_record
+    from spladectl.runs.store import new_run_id, run_id_for
+
+    resume = params["resume"]
+    if target is not None:
+        return RunRecord(id=target.id, dir=str(target.dir.resolve()), sweep=target.sweep, point=target.point), None
+    if params["output_dir"] is not None:
+        run_dir = Path(params["output_dir"])
+    elif resume:
+        run_dir, resume = _resume_target(resume, root)
+    else:
+        data = TrainConfig.from_toml(source.path / "config.toml").data if source is not None else params["data"]
+        run_dir = root / new_run_id(params["name"] or (Path(data).stem if data else "demo"))
+    if resume and (run_dir / RUN_FILE).is_file():
+        record = load_record(run_dir)
+        record.resumes += 1
+        return record, resume
+    return RunRecord(id=run_id_for(run_dir, root), dir=str(run_dir.resolve())), resume
+
+
+def _resume_target(resume: str, root: Path) -> tuple[Path, str]:
+    """--resume without --output-dir: the run directory to continue in, and the checkpoint spec within it."""
+    from spladectl.checkpoint import STATE_FILE
+    from spladectl.runs.record import RUN_FILE
+    from spladectl.runs.store import find_run, latest_run, new_run_id
+
+    if resume == "latest":
+        return latest_run(root).path, "latest"
+    checkpoint = Path(resume)
+    if (checkpoint / STATE_FILE).is_file():
+        owner = checkpoint.resolve().parent.parent  # RUN_DIR/checkpoints/step-N
+        return (owner, resume) if (owner / RUN_FILE).is_file() else (root / new_run_id("resumed"), resume)
+    return find_run(resume, root).path, "latest"
+
+
+def _checkpoint_path(spec: str, run_dir: Path, root: Path) -> Path:
+    """'latest' in the run directory, a checkpoint directory, or a run id (its latest checkpoint)."""
+    from spladectl.checkpoint import STATE_FILE, find_checkpoint
+    from spladectl.runs.store import list_runs
+
+    if spec != "latest" and not (Path(spec) / STATE_FILE).is_file():
+        named = [r for r in list_runs(root) if r.id == spec]
+        if named:
+            return find_checkpoint("latest", named[0].path)
+    return find_checkpoint(spec, run_dir)
+
+
+def _train(params: dict[str, Any], run, *, pm, facts, source, tracks, checkpoint, log) -> dict[str, Any]:
+    from spladectl import plugins as plugin_registry
+
+    p = params
+    if source is not None:
+        config = TrainConfig.from_toml(source.path / "config.toml")
+        if tracks is not None:
+            config.track = tracks
+        for spec in config.plugins:
+            plugin_registry.add_plugin(spec)
+        demo = config.data is None
+        settings = [f"settings of run {source.id} ({_shown(source.path / 'config.toml')}): profile {config.profile}, "
+                    f"device {config.device}, precision {config.precision}, batch {config.batch_size} x "
+                    f"{config.grad_accum}, seed {config.seed}"]
+    else:
+        config, demo, settings = _new_config(p, facts, tracks or [])
+    config.output_dir = str(run.path)
+    run.attach_config(config)
 
     from spladectl.data import load_training_data
 
-    examples = load_training_data(str(DEMO_DIR / "train.jsonl") if demo else data, split=split)
+    examples = load_training_data(str(DEMO_DIR / "train.jsonl") if demo else config.data, split=config.data_split)
     eval_fn, heldout = _eval_function(config, demo)
 
-    log("spladectl train: " + ("the built-in demo (splade-tiny, offline)" if demo else f"{model} on {data}"))
-    for line in settings_lines(resolved):
+    log("spladectl train: " + ("the built-in demo (splade-tiny, offline)" if demo else f"{config.model} on {config.data}"))
+    for line in settings:
         log(f"  {line}")
     log(f"  examples {len(examples)}, effective batch {config.effective_batch_size}, epochs {config.epochs}"
         + (f", max steps {config.max_steps}" if config.max_steps else ""))
@@ -119,30 +261,73 @@ def train(
     from spladectl.engine import Trainer
 
     with plugin_registry.naming_plugin_errors(pm):
-        trainer = Trainer(config, examples, pm=pm, log=log, eval_fn=eval_fn if eval_every else None,
-                          progress=progress)
+        trainer = Trainer(config, examples, pm=pm, log=log, eval_fn=eval_fn if config.eval_every else None,
+                          progress=p["progress"])
+    run.attach_trainer(trainer)
+    if p["mlflow_uri"]:
+        trainer.state.extras["mlflow_uri"] = p["mlflow_uri"]
     before = None
     if heldout is not None:
         log("held-out quality before training …")
         before = eval_fn(trainer.state.model)
-    if resume:
-        from spladectl.checkpoint import find_checkpoint
-
+    if checkpoint:
         with plugin_registry.naming_plugin_errors(pm):
-            trainer.resume(find_checkpoint(resume, output_dir))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.toml").write_text(config.to_toml())
+            trainer.resume(_checkpoint_path(checkpoint, run.path, Path(p["runs_root"])))
 
     started = time.perf_counter()
     with plugin_registry.naming_plugin_errors(pm):
         result = trainer.fit()
     result["train_seconds"] = round(time.perf_counter() - started, 2)
     result["examples_per_s"] = trainer.state.examples_seen / max(result["train_seconds"], 1e-9)
+    result["precision"] = config.precision
+    run.record.train_seconds = result["train_seconds"]
     if heldout is not None:
         log("held-out quality after training …")
         result["heldout_before"], result["heldout_after"] = before, eval_fn(trainer.state.model)
+        from spladectl.runs.summary import retrieval_metrics
+
+        run.record.heldout = {"before": retrieval_metrics(before), "after": retrieval_metrics(result["heldout_after"])}
     result["summary"] = [list(row) for row in plugin_registry.summary_rows(trainer.state, pm)]
-    _report(result, config, log, as_json)
+    return result
+
+
+def _new_config(p: dict[str, Any], facts, tracks: list[str]) -> tuple[TrainConfig, bool, list[str]]:
+    """Resolve the profile for this machine and build the run's configuration from the options."""
+    from spladectl import plugins as plugin_registry
+    from spladectl.resolve import resolve_for_machine
+
+    demo = p["data"] is None
+    flags = {k: p[k] for k in ("batch_size", "grad_accum", "precision", "device", "force_device",
+                               "max_query_length", "max_doc_length") if p[k] is not None}
+    if demo:
+        for key in ("batch_size", "grad_accum", "max_query_length", "max_doc_length"):
+            flags.setdefault(key, DEMO_DEFAULTS[key])
+    resolved = resolve_for_machine(p["profile"], flags=flags, env=os.environ, facts=facts)
+    for spec in p["plugin"]:
+        plugin_registry.add_plugin(spec)
+
+    hardware = {k: v for k, v in resolved.values.items() if k != "world_size"}
+    config = TrainConfig(
+        model=p["model"], data=p["data"], data_split=p["split"], profile=resolved.name, **hardware,
+        epochs=p["epochs"] or (DEMO_DEFAULTS["epochs"] if demo else 1), max_steps=p["max_steps"],
+        lr=p["lr"] if p["lr"] is not None else (DEMO_DEFAULTS["lr"] if demo else TrainConfig.lr),
+        seed=p["seed"], save_every=p["save_every"], keep_last=p["keep_last"], plugins=list(p["plugin"]),
+        memory_tracking=p["memory_tracking"], track=tracks, eval_data=p["eval_data"], eval_split=p["eval_split"],
+        eval_every=p["eval_every"], eval_metric=p["eval_metric"], early_stopping_patience=p["patience"],
+        in_batch_negatives=p["in_batch_negatives"],
+    )
+    n_negatives = p["n_negatives"]
+    if demo and n_negatives is None:
+        n_negatives = DEMO_DEFAULTS["n_negatives"]
+    for key in ("lambda_q", "lambda_d", "flops_warmup_steps", "flops_schedule", "regularizer", "distillation",
+                "distillation_weight", "scheduler", "warmup_ratio"):
+        if p[key] is not None:
+            setattr(config, key, p[key])
+    if n_negatives is not None:
+        config.n_negatives = n_negatives
+    if p["memory_efficient"]:
+        config.gradient_checkpointing = True
+    return config, demo, settings_lines(resolved)
 
 
 def settings_lines(resolved) -> list[str]:
@@ -177,13 +362,13 @@ def _eval_function(config: TrainConfig, demo: bool):
     return evaluate, dataset
 
 
-def _report(result: dict, config: TrainConfig, log, as_json: bool) -> None:
+def _report(result: dict, log, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
     m = result["last_metrics"]
     log(f"done: {result['steps']} optimizer steps in {result['train_seconds']:.1f} s "
-        f"({result['examples_per_s']:.1f} examples/s, {config.precision}), skipped {result['skipped_steps']}")
+        f"({result['examples_per_s']:.1f} examples/s, {result['precision']}), skipped {result['skipped_steps']}")
     if m:
         log(f"final loss {m['loss']:.4f}, query dims {m['query_dims']:.1f}, document dims {m['doc_dims']:.1f}")
     if "heldout_before" in result:
@@ -193,7 +378,8 @@ def _report(result: dict, config: TrainConfig, log, as_json: bool) -> None:
         log(f"  after training       {a['nDCG@10']:.4f}   {a['MRR@10']:.4f}   {a['R@100']:.4f}")
     for label, value in result["summary"]:
         log(f"{label:<28} {value}")
-    log(f"model saved to {result['final']}")
+    log(f"model saved to {_shown(Path(result['final']))}")
+    log(f"run {result['run']}: `spladectl runs show {result['run']}`")
 
 
 def register(app: typer.Typer) -> None:

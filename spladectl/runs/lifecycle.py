@@ -1,0 +1,119 @@
+"""Keeping run.json true whatever happens: "running" from the first moment, then finished, failed (with the error)
+or interrupted, with the summary of what the run wrote.
+
+    with ActiveRun(record, pm=pm, log=log) as run:
+        run.attach_config(config)      # config.toml, profile/precision/device, git state of the data
+        run.attach_trainer(trainer)    # plugins see the record as state.extras["run"]; on_run_end will be called
+        ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import traceback
+from typing import Callable
+
+from spladectl.errors import SpladectlError
+from spladectl.runs.gitstate import run_git_state
+from spladectl.runs.record import RunRecord, now
+from spladectl.runs.summary import summarize
+
+
+class ActiveRun:
+    def __init__(self, record: RunRecord, *, pm=None, facts=None, log: Callable[[str], None] = print,
+                 git_paths: dict[str, str | None] | None = None):
+        self.record = record
+        self.git_paths = git_paths or {}  # files the run depends on besides the data: an experiment, a profile
+        self.pm = pm
+        self.facts = facts
+        self.log = log
+        self.config = None
+        self.state = None
+        self._clock = time.monotonic()
+
+    @property
+    def path(self):
+        return self.record.path
+
+    def __enter__(self) -> "ActiveRun":
+        record = self.record
+        self.path.mkdir(parents=True, exist_ok=True)
+        record.status, record.error, record.traceback, record.ended = "running", None, None, None
+        record.host, record.pid = socket.gethostname(), os.getpid()
+        record.git = run_git_state({"cwd": os.getcwd(), **self.git_paths})
+        record.save()
+        self._write_env_report()
+        return self
+
+    def _write_env_report(self) -> None:
+        # A run must not fail because its bug-report snapshot could not be taken; it says so instead.
+        try:
+            from spladectl.cli.env import collect
+            from spladectl.hardware import detect
+
+            report = collect(self.facts if self.facts is not None else detect())
+            (self.path / "env.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        except Exception as exc:  # noqa: BLE001
+            self.record.warnings.append(f"env report: {type(exc).__name__}: {exc}")
+
+    def attach_config(self, config) -> None:
+        """Record the resolved configuration (config.toml is what `train --from-run` re-launches)."""
+        self.config = config
+        (self.path / "config.toml").write_text(config.to_toml())
+        record = self.record
+        record.profile, record.precision, record.device = config.profile, config.precision, config.device
+        record.git.update(run_git_state({"data": config.data, "eval_data": config.eval_data}))
+        record.save()
+
+    def attach_trainer(self, trainer) -> None:
+        self.state = trainer.state
+        self.state.extras["run"] = self.record
+        self.attach_config(trainer.config)  # the trainer may have adjusted it (fewer negatives than asked)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        record = self.record
+        if exc is None:
+            record.status = "finished"
+        elif isinstance(exc, KeyboardInterrupt):
+            record.status, record.error = "interrupted", "interrupted (Ctrl-C)"
+        else:
+            record.status, record.error = "failed", describe_error(exc)
+            if not isinstance(exc, SpladectlError):  # a bug: keep where it happened
+                record.traceback = "".join(traceback.format_exception(exc_type, exc, tb))
+        self.finish()
+        return False  # the exception goes on to the command, which prints it as it always did
+
+    def finish(self) -> None:
+        record = self.record
+        eval_metric = self.config.eval_metric if self.config is not None else "nDCG@10"
+        summary = summarize(self.path, eval_metric, heldout=record.heldout)
+        for key, value in summary.items():
+            setattr(record, key, value)
+        record.ended = now()
+        record.duration_s = round((record.duration_s or 0.0) + time.monotonic() - self._clock, 3)
+        record.save()
+        if self.state is None or self.pm is None:
+            return
+        try:
+            from spladectl.plugins import naming_plugin_errors
+
+            with naming_plugin_errors(self.pm, during="on_run_end"):
+                self.pm.hook.on_run_end(state=self.state, run=record)
+        except Exception as exc:  # noqa: BLE001 - the run itself is over; a mirror that failed is a warning
+            message = describe_error(exc)
+            record.warnings.append(message)
+            self.log(f"warning: {message}")
+        record.save()
+
+
+def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, SpladectlError):
+        return exc.format_message()
+    format_message = getattr(exc, "format_message", None)  # click's usage errors: "Invalid value for '--x': ..."
+    if callable(format_message):
+        return format_message()
+    return f"{type(exc).__name__}: {exc}"
+
