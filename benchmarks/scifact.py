@@ -1,14 +1,16 @@
 """Fine-tune splade-tiny on BEIR SciFact and compare it with BM25 and the zero-shot model (docs/benchmarks.md).
 
-    python benchmarks/scifact.py tune    # choose lr and epochs on a dev split carved from the train queries
-    python benchmarks/scifact.py final --lr 5e-5 --epochs 2   # train on all train queries, evaluate test once
+    python benchmarks/scifact.py tune --variants "lr=1e-4,n_negatives=4,lambda_scale=0" "lr=1e-4"
+    python benchmarks/scifact.py final --variant "lr=1e-4,n_negatives=4,lambda_scale=0,epochs=1" --plot curves.png
     python benchmarks/scifact.py all --plot docs/img/scifact-curves.png   # both, with the settings tune chose
 
 `tune` never reads the test qrels. It holds out 20% of the train queries (chosen by a stable hash of their ids) as
-dev, trains on the rest in bf16-mixed for each learning rate, evaluates dev after every epoch and prints the best
-(lr, epochs) by dev nDCG@10. `final` trains on every train query in 32-true and in bf16-mixed with those settings,
-then evaluates BM25, zero-shot splade-tiny and both fine-tunes on test, prints a markdown table, writes
-results.json and a plot of the training curves. SciFact is read from ../shared/data/scifact (or $SPLADECTL_SCIFACT);
+dev, trains on the rest for each variant (settings over the shared ones below), evaluates dev after every epoch and
+prints the best (variant, epochs) by dev nDCG@10. `final` trains on every train query in 32-true and in bf16-mixed
+with those settings, then evaluates BM25, zero-shot splade-tiny and both fine-tunes on test, prints a markdown
+table, writes results.json and a plot of the training curves. Tuning and evaluation run in bf16-mixed where the CPU
+has native bf16, else in 32-true; the bf16-mixed fine-tune always trains in bf16-mixed (emulated in float32 on CPUs
+without native bf16, see docs/training.md). SciFact is read from ../shared/data/scifact (or $SPLADECTL_SCIFACT);
 nothing is copied into the repository: the carved dev split and the runs live under --work-dir.
 """
 
@@ -32,7 +34,7 @@ COMMON = dict(model="splade-tiny", batch_size=16, grad_accum=1, n_negatives=1, m
 
 
 # What `tune` tries by default; the first is the shipped default recipe for SciFact-sized data.
-DEFAULT_VARIANTS = ["lr=1e-4,epochs=2", "lr=5e-5,epochs=2"]
+DEFAULT_VARIANTS = ["lr=1e-4,n_negatives=4,lambda_scale=0", "lr=1e-4", "lr=5e-5"]
 
 
 def fast_precision() -> str:
