@@ -2,6 +2,9 @@
 
 With no arguments it fine-tunes the embedded splade-tiny on the demo set shipped in the package and prints
 retrieval quality on the demo's held-out part before and after.
+
+Distributed: under torchrun each process runs this command (the environment says which rank it is; only rank 0
+prints and writes files); with --nproc-per-node it hands the run over to torch.distributed.run first (launch.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Optional
 import typer
 
 from spladectl.config import TrainConfig
+from spladectl.errors import SpladectlError
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 
@@ -23,9 +27,13 @@ DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 # one negative left held-out nDCG@10 flat, 2e-4 with two negatives raised it by 0.03).
 DEMO_DEFAULTS = {"epochs": 2, "lr": 2e-4, "n_negatives": 2, "batch_size": 16, "grad_accum": 1, "max_doc_length": 128,
                  "max_query_length": 32}
+# The options that start processes; everything else is passed on to each process unchanged.
+LAUNCH_OPTIONS = {"nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port"}
+DISTRIBUTED = "Distributed (torchrun)"
 
 
 def train(
+    ctx: typer.Context,
     profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Hardware profile name or TOML path (default: detected for this machine)."),
     model: str = typer.Option("splade-tiny", "--model", "-m", help="Masked-LM checkpoint: hub name, local path, or splade-tiny (offline)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Training data: seed JSON/JSONL, TSV triples or a BEIR directory (default: the built-in demo)."),
@@ -66,13 +74,50 @@ def train(
     patience: Optional[int] = typer.Option(None, "--patience", min=1, help="Stop after N evaluations without improvement."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, rich_help_panel=DISTRIBUTED, help="Start N training processes on this machine through torch.distributed.run, one per GPU (nccl) or N CPU processes (gloo). --batch-size stays per process."),
+    nnodes: Optional[int] = typer.Option(None, "--nnodes", min=1, rich_help_panel=DISTRIBUTED, help="Machines taking part (default 1); run the same command on each, with its own --node-rank."),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", min=0, rich_help_panel=DISTRIBUTED, help="This machine's number, 0 to nnodes-1 (default 0); rank 0's machine writes the outputs."),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", rich_help_panel=DISTRIBUTED, help="Address of the --node-rank 0 machine, reachable by all (needed with --nnodes > 1)."),
+    master_port: Optional[int] = typer.Option(None, "--master-port", min=1, max=65535, rich_help_panel=DISTRIBUTED, help="Free TCP port on that machine (default: any free port on one machine, 29500 on several)."),
+    cross_device_negatives: bool = typer.Option(True, "--cross-device-negatives/--no-cross-device-negatives", rich_help_panel=DISTRIBUTED, help="Score each query against the documents of every process, not only its own (the contrastive loss sees the global batch)."),
 ) -> None:
     """Train a SPLADE model with the resolved hardware profile; prints the settings and why they were chosen."""
+    given = dict(locals())  # first: exactly the command's parameters
+    launcher = dict(nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                    master_port=master_port)
+    if any(value is not None for value in launcher.values()):
+        from spladectl.launch import LaunchOptions, command_line, launch
+
+        if nproc_per_node is None:
+            raise SpladectlError("--nnodes, --node-rank, --master-addr and --master-port go with --nproc-per-node",
+                                 hint="add --nproc-per-node N: the number of processes (GPUs) on this machine")
+        options = LaunchOptions(nproc_per_node, nnodes or 1, node_rank or 0, master_addr, master_port)
+        launch(options, command_line(ctx, skip=LAUNCH_OPTIONS))
+        return
+
+    from spladectl import distributed
+
+    world = distributed.World.from_env()
+    with distributed.reporting_failures(world):
+        _train_here(world, **{k: v for k, v in given.items() if k != "ctx" and k not in LAUNCH_OPTIONS})
+
+
+def _train_here(world, *, profile, model, data, split, output_dir, epochs, max_steps, batch_size, grad_accum,
+                precision, device, force_device, lr, lambda_q, lambda_d, flops_warmup_steps, flops_schedule,
+                regularizer, distillation, distillation_weight, n_negatives, in_batch_negatives, scheduler,
+                warmup_ratio, max_query_length, max_doc_length, seed, save_every, keep_last, resume, plugin,
+                memory_tracking, memory_efficient, eval_data, eval_split, eval_every, eval_metric, patience, progress,
+                as_json, cross_device_negatives) -> None:
+    """The run of this process (one of several under torchrun, where rank 0 alone prints and writes files)."""
+    from spladectl import distributed
     from spladectl import plugins as plugin_registry
     from spladectl.resolve import resolve_for_machine
 
     demo = data is None
-    log = (lambda msg: typer.echo(msg, err=True)) if as_json else typer.echo
+    if world.is_main:
+        log = (lambda msg: typer.echo(msg, err=True)) if as_json else typer.echo
+    else:
+        log = lambda msg: None  # noqa: E731
     flags = {k: v for k, v in dict(batch_size=batch_size, grad_accum=grad_accum, precision=precision, device=device,
                                    force_device=force_device, max_query_length=max_query_length,
                                    max_doc_length=max_doc_length).items() if v is not None}
@@ -85,14 +130,14 @@ def train(
     for spec in plugin:
         plugin_registry.add_plugin(spec)
 
-    hardware = {k: v for k, v in resolved.values.items() if k != "world_size"}
     config = TrainConfig(
-        model=model, data=data, output_dir=str(output_dir), profile=resolved.name, **hardware,
+        model=model, data=data, output_dir=str(output_dir), profile=resolved.name, **resolved.values,
         epochs=epochs or (DEMO_DEFAULTS["epochs"] if demo else 1), max_steps=max_steps,
         lr=lr if lr is not None else (DEMO_DEFAULTS["lr"] if demo else TrainConfig.lr),
         seed=seed, save_every=save_every, keep_last=keep_last, plugins=list(plugin),
         memory_tracking=memory_tracking, eval_data=eval_data, eval_split=eval_split, eval_every=eval_every,
         eval_metric=eval_metric, early_stopping_patience=patience, in_batch_negatives=in_batch_negatives,
+        cross_device_negatives=cross_device_negatives,
     )
     if demo and n_negatives is None:
         n_negatives = DEMO_DEFAULTS["n_negatives"]
@@ -113,16 +158,17 @@ def train(
     log("spladectl train: " + ("the built-in demo (splade-tiny, offline)" if demo else f"{model} on {data}"))
     for line in settings_lines(resolved):
         log(f"  {line}")
-    log(f"  examples {len(examples)}, effective batch {config.effective_batch_size}, epochs {config.epochs}"
+    log(f"  examples {len(examples)}, {effective_batch_text(config)}, epochs {config.epochs}"
         + (f", max steps {config.max_steps}" if config.max_steps else ""))
 
     from spladectl.engine import Trainer
 
+    distributed.start(world, config.device)
     with plugin_registry.naming_plugin_errors(pm):
         trainer = Trainer(config, examples, pm=pm, log=log, eval_fn=eval_fn if eval_every else None,
-                          progress=progress)
+                          progress=progress, world=world)
     before = None
-    if heldout is not None:
+    if heldout is not None and world.is_main:
         log("held-out quality before training …")
         before = eval_fn(trainer.state.model)
     if resume:
@@ -130,12 +176,16 @@ def train(
 
         with plugin_registry.naming_plugin_errors(pm):
             trainer.resume(find_checkpoint(resume, output_dir))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.toml").write_text(config.to_toml())
+    if world.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.toml").write_text(config.to_toml())
 
     started = time.perf_counter()
     with plugin_registry.naming_plugin_errors(pm):
         result = trainer.fit()
+    distributed.stop()
+    if not world.is_main:
+        return
     result["train_seconds"] = round(time.perf_counter() - started, 2)
     result["examples_per_s"] = trainer.state.examples_seen / max(result["train_seconds"], 1e-9)
     if heldout is not None:
@@ -145,9 +195,16 @@ def train(
     _report(result, config, log, as_json)
 
 
+def effective_batch_text(config: TrainConfig) -> str:
+    """`effective batch 32 (8 per device x 2 accumulation x 2 processes)`: what one optimizer step sees."""
+    processes = f"{config.world_size} process" + ("es" if config.world_size > 1 else "")
+    return (f"effective batch {config.effective_batch_size} ({config.batch_size} per device x {config.grad_accum} "
+            f"accumulation x {processes})")
+
+
 def settings_lines(resolved) -> list[str]:
     """The resolved settings as a few lines, with where each came from and why the hardware changed any."""
-    shown = ("device", "precision", "batch_size", "grad_accum", "max_query_length", "max_doc_length",
+    shown = ("device", "precision", "batch_size", "grad_accum", "world_size", "max_query_length", "max_doc_length",
              "gradient_checkpointing", "dataloader_workers")
     lines = [f"profile {resolved.name} ({resolved.sources.get('name', 'named')})"]
     lines += [f"{key:<22} {getattr(resolved, key)!s:<12} {resolved.sources.get(key, '')}" for key in shown]
