@@ -113,6 +113,19 @@ def failing_run(tmp_path_factory, data):
     return root, result, time.monotonic() - started
 
 
+@pytest.fixture(scope="module")
+def early_stopping_run(tmp_path_factory, data):
+    """Rank 0 evaluates every step while rank 1 waits; a pinned metric makes --patience 1 stop after step 2 of 6."""
+    from test_data import write_toy_beir
+
+    root = tmp_path_factory.mktemp("early-stopping")
+    beir = write_toy_beir(root / "toy")
+    result = spladectl("train", "--data", str(data), "-o", str(root / "out"), *PER_PROCESS, *SMALL,
+                       "--max-steps", "6", "--eval-data", str(beir), "--eval-every", "1", "--patience", "1",
+                       "--plugin", "dist_plugins:SameScoreEveryTime")
+    return root / "out", result
+
+
 # ------------------------------------------------------------------------------------------------ the runs
 
 def test_two_processes_train_like_one_process_with_the_global_batch(global_batch_run):
@@ -184,6 +197,16 @@ def test_memory_is_tracked_per_rank(torchrun_run):
         assert row["mem_rss_peak_gb"] == max(by_rank)
     rows = dict(json.loads(result.stdout)["summary"])
     assert "rank" in rows["peak RSS in a step"] and "by rank" in rows["peak RSS in a step"]
+
+
+def test_every_rank_stops_early_when_rank_0_decides_to(early_stopping_run):
+    # Had rank 1 gone on to step 3, it would have waited there for rank 0, which saved and left: a failed run.
+    out, result = early_stopping_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("early stopping at step 2") == 1
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    assert [json.loads(line)["step"] for line in (out / "eval.jsonl").read_text().splitlines()] == [1, 2]
+    assert (out / "best" / "model.safetensors").is_file() and (out / "final" / "model.safetensors").is_file()
 
 
 def test_every_rank_resumes_from_the_checkpoint_rank_0_wrote(torchrun_run, data, tmp_path):
