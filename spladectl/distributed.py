@@ -249,11 +249,13 @@ class _FailureBoard:
 _board = _FailureBoard()
 
 
-def record_error_file(message: str, *, kind: str, hint: str | None = None, details: str | None = None) -> None:
+def record_error_file(message: str, *, kind: str, hint: str | None = None, details: str | None = None,
+                      exit_code: int = 1) -> None:
     """Write torchelastic's error file for this process, so the launcher's report carries `message`.
 
     `kind` tells launch.py how to report it: "user" (a SpladectlError), "bug" (with its traceback in `details`) or
-    "stopped" (this process was stopped by another rank's failure).
+    "stopped" (this process was stopped by another rank's failure). `exit_code` is the one this process exits with,
+    kept here because torchrun may stop the process (SIGTERM) before it exits by itself.
     """
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path or os.path.exists(path):
@@ -261,7 +263,7 @@ def record_error_file(message: str, *, kind: str, hint: str | None = None, detai
     shown = message + (f"\nHint: {hint}" if hint else "")
     data = {"message": {"message": message, "extraInfo": {
         "py_callstack": details or shown, "timestamp": str(int(time.time())),
-        "spladectl_kind": kind, "spladectl_hint": hint or "",
+        "spladectl_kind": kind, "spladectl_hint": hint or "", "spladectl_exit_code": exit_code,
     }}}
     try:
         with open(path, "w") as fh:
@@ -296,7 +298,7 @@ def reporting_failures(world: World) -> Iterator[None]:
             raise SystemExit(1) from None
         if isinstance(exc, SpladectlError):
             _board.post(world.rank, exc.message)
-            record_error_file(exc.message, kind="user", hint=exc.hint)
+            record_error_file(exc.message, kind="user", hint=exc.hint, exit_code=exc.exit_code)
             if launched:
                 raise SystemExit(exc.exit_code) from None
             ranked = type(exc)(f"rank {world.rank}: {exc.message}", hint=exc.hint)

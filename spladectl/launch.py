@@ -81,11 +81,12 @@ def failure_error(failures: Mapping[int, Any]) -> SpladectlError:
     Processes stopped because another rank failed, or killed by torchrun after it, are only the consequence; a rank
     on another machine can be the cause, and then the processes here name it ("stopped because rank 5 failed: ...").
     """
-    def info(failure) -> tuple[str, str, str | None]:
+    def info(failure) -> tuple[str, str, str | None, int]:
         data = failure.message if isinstance(failure.message, dict) else {}
         extra = data.get("extraInfo", {}) if data else {}
         text = data.get("message", "") if data else str(failure.message or "")
-        return extra.get("spladectl_kind", ""), text, extra.get("spladectl_hint") or None
+        code = extra.get("spladectl_exit_code") or (failure.exitcode if 0 < failure.exitcode < 256 else 1)
+        return extra.get("spladectl_kind", ""), text, extra.get("spladectl_hint") or None, int(code)
 
     def cause_order(item) -> tuple:
         rank, failure = item
@@ -94,10 +95,10 @@ def failure_error(failures: Mapping[int, Any]) -> SpladectlError:
         return level, failure.timestamp, rank
 
     rank, failure = min(failures.items(), key=cause_order)
-    kind, text, hint = info(failure)
+    kind, text, hint, exit_code = info(failure)
     if kind == "user":
         error = SpladectlError(f"rank {rank}: {text}", hint=hint)
-        error.exit_code = failure.exitcode if 0 < failure.exitcode < 256 else 1
+        error.exit_code = exit_code  # a user error's own: 2, or 1 for a plugin's
         return error
     if kind == "bug":
         error = SpladectlError(f"rank {rank} failed: {text}", hint="its traceback is printed above")

@@ -307,7 +307,8 @@ def test_the_failure_reported_is_the_cause_not_its_consequences(tmp_path, monkey
         return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=exitcode, error_file=str(path))
 
     stopped = failure(0, 1, message="stopped because rank 1 failed: disk full", kind="stopped")
-    cause = failure(1, 2, message="data.jsonl:3: no query", kind="user", hint="fix line 3")
+    # torchrun stopped this one (SIGTERM) after it recorded its error: the recorded exit code still counts
+    cause = failure(1, -15, message="data.jsonl:3: no query", kind="user", hint="fix line 3", exit_code=2)
     killed = failure(2, -15)  # SIGTERM from torchrun after the failure: no error file
     error = failure_error({0: stopped, 1: cause, 2: killed})
     assert (error.message, error.hint, error.exit_code) == ("rank 1: data.jsonl:3: no query", "fix line 3", 2)
