@@ -166,7 +166,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- resume
     def resume(self, path: Path) -> None:
         state = ckpt.load_training_state(path)
-        saved = state.get("config", {})
+        saved = {"world_size": 1, **state.get("config", {})}  # older checkpoints are all single-process ones
         for key in ("model", "batch_size", "grad_accum", "world_size", "n_negatives", "seed"):
             if key in saved and saved[key] != getattr(self.config, key):
                 raise SpladectlError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import dist_plugins
 from tiny import config, examples, write_jsonl
 
 TESTS = Path(__file__).resolve().parent
+DOCS = TESTS.parent / "docs" / "plugins.md"
 SMALL = ["--max-query-length", "16", "--max-doc-length", "32", "--precision", "fp32", "--lr", "1e-4",
          "--warmup-ratio", "0", "--flops-schedule", "constant", "--seed", "7", "--no-progress"]
 # 2 processes × 2 examples × 2 micro-batches: 8 examples per optimizer step, the 8 examples of tiny.py.
@@ -42,8 +44,8 @@ COMPARED = ("loss", "ranking", "flops_q", "flops_d", "grad_norm", "query_dims", 
 
 def spladectl(*args: str, torchrun: bool = False, probe_dir: Path | None = None) -> subprocess.CompletedProcess:
     """Run `spladectl train ...` in new processes: through `torchrun -m spladectl` or `spladectl --nproc-per-node`."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "2000",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    path = [str(TESTS), str(probe_dir or ""), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "2000", "PYTHONPATH": os.pathsep.join(filter(None, path))}
     if probe_dir is not None:
         env[dist_plugins.PROBE_DIR] = str(probe_dir)
     if torchrun:
@@ -80,13 +82,17 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def torchrun_run(tmp_path_factory, data):
-    """4 steps under `torchrun -m spladectl train`, dropout on, a checkpoint at step 2, memory tracking."""
+    """4 steps under `torchrun -m spladectl train`, dropout on, a checkpoint at step 2, memory tracking, and the
+    plugin example of docs/plugins.md's "Distributed runs"."""
     root = tmp_path_factory.mktemp("torchrun")
     out, probes = root / "out", root / "probes"
     probes.mkdir()
+    section = DOCS.read_text().split("## Distributed runs", 1)[1].split("\n## ", 1)[0]
+    (example,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    (probes / "docs_distributed_example.py").write_text(example)
     result = spladectl("train", "--data", str(data), "-o", str(out), *PER_PROCESS, *SMALL, "--max-steps", "4",
-                       "--save-every", "2", "--memory-tracking", "--plugin", "dist_plugins:RankProbe", "--json",
-                       torchrun=True, probe_dir=probes)
+                       "--save-every", "2", "--memory-tracking", "--plugin", "dist_plugins:RankProbe",
+                       "--plugin", "docs_distributed_example", "--json", torchrun=True, probe_dir=probes)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, probes, result
 
@@ -197,6 +203,14 @@ def test_memory_is_tracked_per_rank(torchrun_run):
         assert row["mem_rss_peak_gb"] == max(by_rank)
     rows = dict(json.loads(result.stdout)["summary"])
     assert "rank" in rows["peak RSS in a step"] and "by rank" in rows["peak RSS in a step"]
+
+
+def test_the_documented_distributed_plugin_example_gathers_from_every_rank(torchrun_run):
+    out, _, _ = torchrun_run
+    for row in metrics(out):
+        by_rank = row["step_seconds_by_rank"]
+        assert len(by_rank) == 2 and all(seconds > 0 for seconds in by_rank)
+        assert row["step_seconds"] == by_rank[0]  # rank 0 wrote the row
 
 
 def test_every_rank_stops_early_when_rank_0_decides_to(early_stopping_run):
@@ -317,3 +331,20 @@ def test_the_failure_reported_is_the_cause_not_its_consequences(tmp_path, monkey
     assert (error.message, error.exit_code) == ("rank 3 failed: RuntimeError: boom", 1)
     # on a machine that only saw the consequences, the stopped process names the rank elsewhere that failed
     assert failure_error({0: stopped, 2: killed}).message == "rank 0 stopped because rank 1 failed: disk full"
+
+
+def test_a_checkpoint_resumes_only_with_the_number_of_processes_that_wrote_it(tmp_path):
+    # The data position counts global micro-batches, so another number of processes would resume elsewhere.
+    from spladectl.checkpoint import STATE_FILE, find_checkpoint
+
+    manager = plugins.make_plugin_manager(installed=False)
+    Trainer(config(tmp_path, max_steps=1), examples(), pm=manager, progress=False).fit()
+    path = find_checkpoint("latest", tmp_path / "out")
+    state = torch.load(path / STATE_FILE, weights_only=True)
+    state["config"]["world_size"] = 2  # as a run of two processes writes it
+    torch.save(state, path / STATE_FILE)
+    with pytest.raises(SpladectlError, match="world_size=2, this run has 1"):
+        Trainer(config(tmp_path, max_steps=2), examples(), pm=manager, progress=False).resume(path)
+    del state["config"]["world_size"]  # written before distributed training existed: a single process
+    torch.save(state, path / STATE_FILE)
+    Trainer(config(tmp_path, max_steps=2), examples(), pm=manager, progress=False).resume(path)
