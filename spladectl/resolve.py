@@ -363,7 +363,8 @@ class _State:
             self.change("tf32", False, f"{_cc(self.gpu)} has no TF32 (it needs 8.0 or newer): off")
 
     def workers(self) -> None:
-        workers, cores, processes = self.values["dataloader_workers"], self.facts.cpu_cores_logical, self.local_processes
+        workers, cores = self.values["dataloader_workers"], self.facts.cpu_cores_logical
+        processes = self.local_processes
         limit = max(0, cores // processes - 1)
         if workers > limit and not _explicit(self.sources["dataloader_workers"]):
             if processes == 1:
