@@ -283,12 +283,18 @@ def reporting_failures(world: World) -> Iterator[None]:
     if not world.distributed:
         yield
         return
+    launched = bool(os.environ.get(LAUNCHED_ENV))
     try:
         yield
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:
+        # A peer still inside a collective sees only a broken connection: tell it why.
+        _board.post(world.rank, "interrupted")
+        if launched:  # Ctrl-C reached every process; the launcher says so once
+            raise SystemExit(130) from None
+        raise
+    except SystemExit:
         raise
     except Exception as exc:
-        launched = bool(os.environ.get(LAUNCHED_ENV))
         peer = _board.read()
         if peer is not None and peer.get("rank") != world.rank:
             message = f"{STOPPED_BY_PEER} {peer['rank']} failed: {peer['message']}"

@@ -9,6 +9,7 @@ from the error file it wrote, see distributed.py) instead of torchrun's tracebac
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -59,6 +60,7 @@ class LaunchOptions:
 def launch(options: LaunchOptions, command: list[str]) -> None:
     """Run `spladectl <command>` on options.nproc_per_node processes of this machine; returns when all finished."""
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     options.check(os.environ)
@@ -68,6 +70,10 @@ def launch(options: LaunchOptions, command: list[str]) -> None:
         torchrun.run(torchrun.parse_args(options.torchrun_args(command)))
     except ChildFailedError as exc:
         raise failure_error(exc.failures) from None
+    except SignalException as exc:  # Ctrl-C or a scheduler's SIGTERM: torchrun has stopped the processes
+        print(f"Aborted: {exc.sigval.name} stopped all {options.nproc_per_node} training processes on this machine",
+              file=sys.stderr)
+        raise SystemExit(128 + int(exc.sigval)) from None
     finally:
         if previous is None:
             os.environ.pop(LAUNCHED_ENV, None)

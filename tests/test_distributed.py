@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -42,17 +43,22 @@ COMPARED = ("loss", "ranking", "flops_q", "flops_d", "grad_norm", "query_dims", 
 
 # ------------------------------------------------------------------------------------------------ running processes
 
-def spladectl(*args: str, torchrun: bool = False, probe_dir: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `spladectl train ...` in new processes: through `torchrun -m spladectl` or `spladectl --nproc-per-node`."""
+def process_env(probe_dir: Path | None = None) -> dict[str, str]:
+    """The environment of the processes: tests/ (and `probe_dir`) importable for --plugin, one thread each."""
     path = [str(TESTS), str(probe_dir or ""), os.environ.get("PYTHONPATH")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "2000", "PYTHONPATH": os.pathsep.join(filter(None, path))}
     if probe_dir is not None:
         env[dist_plugins.PROBE_DIR] = str(probe_dir)
+    return env
+
+
+def spladectl(*args: str, torchrun: bool = False, probe_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `spladectl train ...` in new processes: through `torchrun -m spladectl` or `spladectl --nproc-per-node`."""
     if torchrun:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "spladectl", *args]
     else:
         command = [sys.executable, "-m", "spladectl", *args, "--nproc-per-node", "2"]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(command, capture_output=True, text=True, env=process_env(probe_dir), timeout=600)
 
 
 def metrics(out: Path) -> list[dict]:
@@ -236,6 +242,25 @@ def test_every_rank_resumes_from_the_checkpoint_rank_0_wrote(torchrun_run, data,
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(reference)]
     resumed, straight = weights(out / "final"), weights(reference / "final")
     assert all(torch.equal(resumed[name], straight[name]) for name in straight)
+
+
+def test_ctrl_c_stops_every_process_with_one_line(data, tmp_path):
+    # What a terminal does on Ctrl-C: SIGINT to the whole foreground process group, the launcher and its processes.
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "spladectl", "train", "--data", str(data), "-o", str(out), *PER_PROCESS, *SMALL,
+               "--max-steps", "100000", "--nproc-per-node", "2"]
+    launcher = subprocess.Popen(command, env=process_env(), start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+        assert launcher.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    os.killpg(launcher.pid, signal.SIGINT)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "Aborted: SIGINT stopped all 2 training processes on this machine" in stderr
+    assert "Traceback" not in stderr and "Aborted!" not in stderr  # no process speaks for itself
+    assert not (out / "final").exists()
 
 
 # ------------------------------------------------------------------------------------------------ the pieces
