@@ -2,6 +2,9 @@
 
 Implementations may declare any subset of a hook's arguments (pluggy passes only those), so adding an argument here
 later never breaks an existing plugin. See docs/plugins.md for when each hook runs, with examples.
+
+In a distributed run every process calls the training hooks, except on_evaluate, on_checkpoint_saved and
+summary_rows (rank 0 only); `state.rank`, `state.world_size` and `state.is_main_process` say which process runs.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def register_profiles(register: Callable[..., None]) -> None:
 @hookspec
 def loss_terms(inputs: "LossInputs", state: "TrainState") -> "Mapping[str, torch.Tensor] | None":
     """Return named scalar loss terms to add to the ranking loss for this micro-batch (collected from every plugin;
-    each is logged under its name). `inputs` holds query (B, V), documents (B, 1+N, V), scores, teacher_scores."""
+    each is logged under its name). `inputs` holds query (B, V), documents (B, 1+N, V), scores, teacher_scores; in a
+    distributed run, every process's examples, `inputs.local_rows` being this process's."""
 
 
 @hookspec(firstresult=True)
@@ -78,12 +82,12 @@ def on_step_end(state: "TrainState", metrics: dict[str, Any]) -> None:
 
 @hookspec
 def on_evaluate(state: "TrainState", metrics: dict[str, float]) -> None:
-    """Called after an evaluation during training with its retrieval metrics."""
+    """Called after an evaluation during training with its retrieval metrics (on rank 0, which evaluates)."""
 
 
 @hookspec
 def on_checkpoint_saved(state: "TrainState", path: str) -> None:
-    """Called after a checkpoint directory has been written completely."""
+    """Called after a checkpoint directory has been written completely (on rank 0, which writes it)."""
 
 
 @hookspec

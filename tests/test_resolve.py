@@ -233,6 +233,19 @@ def test_workers_leave_a_core_for_training_unless_explicit(registry):
     assert run(registry, CPU_PLAIN, "a100", env={"SPLADECTL_DATALOADER_WORKERS": "8"}).dataloader_workers == 8
 
 
+def test_processes_on_one_machine_share_its_cores_for_workers(registry):
+    # torchrun starts LOCAL_WORLD_SIZE processes here; each gets its share of the 16 cores, one kept for training.
+    r = run(registry, CPU_BF16, "a100", env={"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"})
+    assert r.dataloader_workers == 3
+    assert r.changes["dataloader_workers"] == (
+        "16 logical CPU(s) shared by 4 training processes: dataloader workers 4 -> 3 per process "
+        "(one core each stays with training)"
+    )
+    assert run(registry, CPU_BF16, "a100", env={"LOCAL_WORLD_SIZE": "8"}).dataloader_workers == 1
+    with pytest.raises(SpladectlError, match="LOCAL_WORLD_SIZE"):
+        run(registry, CPU_BF16, "a100", env={"LOCAL_WORLD_SIZE": "zero"})
+
+
 def test_as_dict_contract(registry):
     d = run(registry, CPU_PLAIN, "a100").as_dict()
     for key in ("name", "device", "precision", "batch_size", "grad_accum", "world_size", "tf32", "max_query_length",
