@@ -7,14 +7,17 @@ DistributedDataParallel wrapper, and the gathers that let every process see the 
 
 When one process fails, the others are blocked in a collective and only learn that a peer went away. So a failing
 process first writes its message to the rendezvous store and to torchelastic's error file: the launcher reports that
-message once, and a process stopped by a peer's failure says which rank failed instead of a connection error.
+message once, a process stopped by a peer's failure says which rank failed instead of a connection error, and rank 0
+records that message in run.json (`peer_failure`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager, nullcontext
@@ -32,6 +35,8 @@ TIMEOUT = timedelta(minutes=60)
 # Set by launch.py for the processes it starts: they leave printing a user error to the launcher, which prints the
 # failing rank's message once instead of once per process.
 LAUNCHED_ENV = "SPLADECTL_LAUNCHED"
+# Also set by launch.py: its own options (--nproc-per-node 2 ...), so that run.json's command starts the run again.
+LAUNCH_ARGS_ENV = "SPLADECTL_LAUNCH_ARGS"
 STOPPED_BY_PEER = "stopped because rank"
 
 
@@ -126,6 +131,7 @@ def start(world: World, device_type: str) -> torch.device:
     backend = backend_for(device_type)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    _board.meet(world)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=TIMEOUT)
     _board.connect()
@@ -206,6 +212,10 @@ def synchronising(model: torch.nn.Module, sync: bool):
 
 # ------------------------------------------------------------------------------------------------ failures
 
+class PeerFailure(Exception):
+    """Another process failed while this one prepared; reporting_failures and rank 0's run name that process."""
+
+
 class _FailureBoard:
     """The first failure of a run, kept in the rendezvous store so that the processes it stops can name it."""
 
@@ -215,25 +225,52 @@ class _FailureBoard:
     @property
     def key(self) -> str:
         # torchrun keeps its store across restarts; a failure of an earlier attempt must not haunt the next one.
-        return f"spladectl/failure/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        return f"spladectl/failure/{self.attempt}"
+
+    @property
+    def attempt(self) -> str:
+        return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
 
     def connect(self) -> None:
         import torch.distributed as dist
 
+        if self.store is not None:
+            return
         try:
             self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                                        timeout=timedelta(seconds=10), wait_for_workers=False)
         except Exception:  # a launcher without a store we can reach: failures are still reported, just not named
             self.store = None
 
-    def post(self, rank: int, message: str) -> None:
+    def post(self, rank: int, message: str, *, interrupted: bool = False) -> None:
         if self.store is None:
             return
         try:
             if self.store.add(self.key + "/posted", 1) == 1:  # atomic: the first failure is the one reported
-                self.store.set(self.key, json.dumps({"rank": rank, "message": message}))
+                self.store.set(self.key, json.dumps({"rank": rank, "message": message, "interrupted": interrupted}))
         except Exception:
             pass
+
+    def meet(self, world: World, poll_seconds: float = 0.2) -> None:
+        """Wait until every process is ready to join the process group, or raise PeerFailure when one posted a
+        failure first (a file missing on its machine, a GPU too few). init_process_group would wait for it in C++,
+        where neither that failure nor torchrun's SIGTERM reaches this process before SIGKILL, leaving run.json
+        "running". A no-op without a store (a launcher other than torchrun): init_process_group waits then."""
+        if self.store is None:
+            return
+        ready = f"spladectl/ready/{self.attempt}"
+        try:
+            self.store.add(ready, 1)
+            deadline = time.monotonic() + TIMEOUT.total_seconds()
+            while self.store.add(ready, 0) < world.world_size and time.monotonic() < deadline:
+                posted = self.read()
+                if posted is not None and posted.get("rank") != world.rank:
+                    raise PeerFailure(f"rank {posted['rank']} failed before the processes met: {posted['message']}")
+                time.sleep(poll_seconds)  # in Python: a SIGTERM can stop this process here
+        except PeerFailure:
+            raise
+        except Exception:  # the store went away: init_process_group will say what is wrong
+            return
 
     def read(self) -> dict[str, Any] | None:
         if self.store is None:
@@ -247,6 +284,54 @@ class _FailureBoard:
 
 
 _board = _FailureBoard()
+
+
+def peer_failure(world: World) -> dict[str, Any] | None:
+    """The first failure another process of the run posted ({"rank", "message", "interrupted"}), if any: what
+    stopped this process when its collective broke or torchrun sent it SIGTERM."""
+    posted = _board.read()
+    return posted if posted is not None and posted.get("rank") != world.rank else None
+
+
+class Terminated(BaseException):
+    """SIGTERM in the process that records the run: torchrun stopping every process because one of them failed, or
+    a scheduler stopping the job. A BaseException like KeyboardInterrupt, so that no `except Exception` (a plugin's
+    guard, the out-of-memory retry) swallows it."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+class SigtermAsException:
+    """`with SigtermAsException(enabled) as sigterm:` the first SIGTERM raises Terminated; `sigterm.hold()` ignores
+    further ones while the caller records how the run ended; leaving the block restores the previous handler.
+
+    Without it, torchrun's SIGTERM after another rank failed would end rank 0 on the spot, run.json still "running".
+    torchrun follows with SIGKILL 30 s later, so holding off SIGTERM for the few milliseconds of recording is safe.
+    """
+
+    def __init__(self, enabled: bool = True):
+        # Signal handlers can only be installed from the main thread (a test runner's worker thread cannot).
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.previous: Any = None
+
+    def __enter__(self) -> "SigtermAsException":
+        if self.enabled:
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    def _raise(self, signum: int, frame: Any) -> None:
+        self.hold()  # once: a second SIGTERM must not interrupt the handling of the first
+        raise Terminated(signum)
+
+    def hold(self) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
 
 
 def record_error_file(message: str, *, kind: str, hint: str | None = None, details: str | None = None,
@@ -284,19 +369,33 @@ def reporting_failures(world: World) -> Iterator[None]:
         yield
         return
     launched = bool(os.environ.get(LAUNCHED_ENV))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent already serves the store: connect before the process group exists, so that a failure
+        # while preparing (reading the data, resolving the profile) is posted too and rank 0 can record it. (Other
+        # launchers leave the store to rank 0's init_process_group; start() connects then.)
+        _board.connect()
     try:
         yield
     except KeyboardInterrupt:
         # A peer still inside a collective sees only a broken connection: tell it why.
-        _board.post(world.rank, "interrupted")
+        _board.post(world.rank, "interrupted", interrupted=True)
         if launched:  # Ctrl-C reached every process; the launcher says so once
             raise SystemExit(130) from None
         raise
     except SystemExit:
         raise
+    except Terminated as exc:
+        # Rank 0, stopped by torchrun (after a peer's failure, named if the peer posted it) or by a scheduler.
+        peer = peer_failure(world)
+        message = f"{STOPPED_BY_PEER} {peer['rank']} failed: {peer['message']}" if peer else str(exc)
+        code = 1 if peer else 128 + exc.signum
+        record_error_file(message, kind="stopped", exit_code=code)
+        if not launched:
+            print(f"rank {world.rank}: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(code) from None
     except Exception as exc:
-        peer = _board.read()
-        if peer is not None and peer.get("rank") != world.rank:
+        peer = peer_failure(world)
+        if peer is not None:
             message = f"{STOPPED_BY_PEER} {peer['rank']} failed: {peer['message']}"
             record_error_file(message, kind="stopped")
             if not launched:

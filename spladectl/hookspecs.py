@@ -3,8 +3,9 @@
 Implementations may declare any subset of a hook's arguments (pluggy passes only those), so adding an argument here
 later never breaks an existing plugin. See docs/plugins.md for when each hook runs, with examples.
 
-In a distributed run every process calls the training hooks, except on_evaluate, on_checkpoint_saved and
-summary_rows (rank 0 only); `state.rank`, `state.world_size` and `state.is_main_process` say which process runs.
+In a distributed run every process calls the training hooks, except on_evaluate, on_checkpoint_saved, summary_rows
+and on_run_end (rank 0 only, which alone has the run); `state.rank`, `state.world_size` and `state.is_main_process`
+say which process runs.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def on_train_end(state: "TrainState", status: str) -> None:
 def on_run_end(state: "TrainState", run: "RunRecord") -> None:
     """Called by `spladectl train` (and each sweep point) once the run directory is complete: final model written,
     evaluations done, run.json saved with `run.status` and the summary metrics. Also after a failure or Ctrl-C, if
-    training had started. Not called when a Trainer is driven from Python without the run machinery."""
+    training had started. In a distributed run, on rank 0 only (it writes the run directory; `run.world_size` says
+    how many processes trained). Not called when a Trainer is driven from Python without the run machinery."""
 
 
 @hookspec

@@ -9,11 +9,12 @@ from the error file it wrote, see distributed.py) instead of torchrun's tracebac
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from spladectl.distributed import LAUNCHED_ENV
+from spladectl.distributed import LAUNCH_ARGS_ENV, LAUNCHED_ENV
 from spladectl.errors import SpladectlError
 
 
@@ -56,6 +57,17 @@ class LaunchOptions:
             args += ["--master-port", str(self.master_port)]
         return args + ["-m", "spladectl", *command]
 
+    def train_args(self) -> list[str]:
+        """These options as `spladectl train` spells them, defaults left out (for the run's recorded command)."""
+        args = ["--nproc-per-node", str(self.nproc_per_node)]
+        if self.nnodes > 1:
+            args += ["--nnodes", str(self.nnodes), "--node-rank", str(self.node_rank)]
+        if self.master_addr:
+            args += ["--master-addr", self.master_addr]
+        if self.master_port is not None:
+            args += ["--master-port", str(self.master_port)]
+        return args
+
 
 def launch(options: LaunchOptions, command: list[str]) -> None:
     """Run `spladectl <command>` on options.nproc_per_node processes of this machine; returns when all finished."""
@@ -64,8 +76,9 @@ def launch(options: LaunchOptions, command: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     options.check(os.environ)
-    previous = os.environ.get(LAUNCHED_ENV)
+    previous = {name: os.environ.get(name) for name in (LAUNCHED_ENV, LAUNCH_ARGS_ENV)}
     os.environ[LAUNCHED_ENV] = "1"  # inherited by the processes: they leave reporting their user errors to us
+    os.environ[LAUNCH_ARGS_ENV] = shlex.join(options.train_args())
     try:
         torchrun.run(torchrun.parse_args(options.torchrun_args(command)))
     except ChildFailedError as exc:
@@ -75,10 +88,11 @@ def launch(options: LaunchOptions, command: list[str]) -> None:
               file=sys.stderr)
         raise SystemExit(128 + int(exc.sigval)) from None
     finally:
-        if previous is None:
-            os.environ.pop(LAUNCHED_ENV, None)
-        else:
-            os.environ[LAUNCHED_ENV] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def failure_error(failures: Mapping[int, Any]) -> SpladectlError:

@@ -182,6 +182,11 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_message(failing_run):
     assert seconds < 300  # rank 0 did not wait in its collective for a timeout
     assert [r["step"] for r in metrics(root / "out")] == [1]
     assert not (root / "out" / "final").exists()
+    # rank 0, stopped by rank 1's failure, records that failure in the run, not its own broken connection
+    record = json.loads((root / "out" / "run.json").read_text())
+    assert (record["status"], record["world_size"], record["traceback"]) == ("failed", 2, None)
+    assert record["error"] == ("rank 1: plugin 'dist_plugins:FailOnRankOne': the quota of /scratch is exhausted "
+                               "(raised on purpose by the test)")
 
 
 def test_only_rank_0_writes_and_every_plugin_sees_its_rank(torchrun_run):
@@ -244,6 +249,49 @@ def test_every_rank_resumes_from_the_checkpoint_rank_0_wrote(torchrun_run, data,
     assert all(torch.equal(resumed[name], straight[name]) for name in straight)
 
 
+def test_a_distributed_training_is_one_run_written_by_rank_0(data, tmp_path, cli):
+    # No --output-dir: rank 0 picks the run id and tells rank 1, which writes nothing, not even its metrics or its
+    # TensorBoard events (each rank would otherwise have made a run directory of its own under the root).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = tmp_path / "runs"
+    result = spladectl("train", "--data", str(data), "--runs-root", str(root), "--name", "two", *PER_PROCESS, *SMALL,
+                       "--max-steps", "2", "--track", "tensorboard", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = [path for path in root.iterdir() if path.is_dir()]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert (record["status"], record["world_size"], record["error"]) == ("finished", 2, None)
+    assert record["command"].endswith("--nproc-per-node 2")  # `runs show` prints a command that starts it again
+    assert json.loads(result.stdout)["run_dir"] == record["dir"] == str(run_dir.resolve())
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2] and record["steps"] == 2
+    assert record["examples_seen"] == 16  # 8 per step: both processes' examples, counted once
+    assert "world_size = 2" in (run_dir / "config.toml").read_text()
+    assert json.loads((run_dir / "env.json").read_text())["torch"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-2"]
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2]
+    shown = cli("runs", "show", record["id"], "--runs-root", str(root), "--json")
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["world_size"] == 2, shown.output
+
+
+def test_a_failure_before_the_processes_meet_ends_the_run_as_failed(data, tmp_path):
+    # Rank 1 fails while loading its plugins; rank 0, done preparing, waits for it to join the process group. Were
+    # it waiting inside torch's rendezvous, only torchrun's SIGKILL would end it, and run.json would say "running".
+    (tmp_path / "rank_one_cannot_load.py").write_text(
+        "import os\n\nif os.environ.get('RANK') == '1':\n    raise OSError('no such mount: /data (on purpose)')\n")
+    root = tmp_path / "runs"
+    result = spladectl("train", "--data", str(data), "--runs-root", str(root), *PER_PROCESS, *SMALL,
+                       "--max-steps", "1", "--plugin", "rank_one_cannot_load", probe_dir=tmp_path)
+    assert result.returncode != 0 and "rank 1: --plugin rank_one_cannot_load" in " ".join(result.stderr.split())
+    (run_dir,) = list(root.iterdir())
+    record = json.loads((run_dir / "run.json").read_text())
+    assert (record["status"], record["world_size"]) == ("failed", 2)
+    assert record["error"].startswith("rank 1: --plugin rank_one_cannot_load: loading it raised OSError: no such mount")
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
 def test_ctrl_c_stops_every_process_with_one_line(data, tmp_path):
     # What a terminal does on Ctrl-C: SIGINT to the whole foreground process group, the launcher and its processes.
     out = tmp_path / "out"
@@ -261,6 +309,7 @@ def test_ctrl_c_stops_every_process_with_one_line(data, tmp_path):
     assert "Aborted: SIGINT stopped all 2 training processes on this machine" in stderr
     assert "Traceback" not in stderr and "Aborted!" not in stderr  # no process speaks for itself
     assert not (out / "final").exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
 
 
 # ------------------------------------------------------------------------------------------------ the pieces

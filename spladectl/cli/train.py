@@ -6,7 +6,8 @@ directory under the runs root whose run.json says how it went, whatever happens.
 
 Distributed: with --nproc-per-node the command first hands over to torch.distributed.run (launch.py), before any run
 directory exists; each process it starts (or plain torchrun starts) runs this command again and goes through
-`run_training` with its World (only rank 0 prints).
+`run_training` with its World. Rank 0 alone plans the run, writes its directory and prints; it tells the other ranks
+the directory (and the checkpoint to resume from) once the process group is up.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def train(
 
     Every training is a run: a directory under the runs root (./runs, or --runs-root) holding run.json (status,
     timing, metrics), config.toml, env.json, metrics.jsonl, checkpoints and the final model. See `spladectl runs`.
+    A distributed training is one run, written by rank 0.
     """
     params = {key: value for key, value in locals().items() if key != "ctx"}
     if any(params[key] is not None for key in LAUNCH_OPTIONS):
@@ -114,6 +116,8 @@ def train(
     given = options.explicit(ctx)
     line = options.command_line(ctx.command, {k: params[k] for k in params if k in given
                                               and k not in options.NOT_RECORDED})
+    if os.environ.get(distributed.LAUNCH_ARGS_ENV):  # started by `train --nproc-per-node`: record how
+        line += " " + os.environ[distributed.LAUNCH_ARGS_ENV]
     with distributed.reporting_failures(world):
         run_training(params, given=given, command_line=line, world=world)
 
@@ -141,7 +145,7 @@ def run_training(params: dict[str, Any], *, given: set[str], command_line: str |
 
     `params` are the train command's parameters by name (what click parsed), `given` the names set explicitly.
     Sweeps call this for each point with `target`. `world` is this process's place in a distributed training
-    (default: a single process). Returns the summary `--json` prints.
+    (default: a single process); only rank 0 plans, writes and reports the run. Returns the summary `--json` prints.
     """
     from spladectl import distributed
     from spladectl import plugins as plugin_registry
@@ -156,35 +160,45 @@ def run_training(params: dict[str, Any], *, given: set[str], command_line: str |
     elif log is None:
         log = (lambda msg: typer.echo(msg, err=True)) if as_json else typer.echo
     root = Path(params["runs_root"])
+    # Every rank reads these (a re-launched run's configuration, the trackers asked for): each builds the same
+    # configuration on its own, as it resolves the profile on its own device.
     source = _from_run_source(params, given, root)
     tracks = parse_track(params["track"]) if params["track"] else None
-    record, checkpoint = _plan(params, root, target, source)
-    if not record.resumes:  # a resumed run keeps the command that started it
-        record.command = command_line
-        record.options = dict(target.settings) if target is not None else options.recorded(params, given)
-    record.tags = list(dict.fromkeys([*record.tags, *params["tag"]]))
-    record.runs_root = str(root.resolve())
-    if source is not None:
-        record.from_run = source.id
+    record = checkpoint = None
+    if world.is_main:
+        record, checkpoint = _plan(params, root, target, source)
+        if not record.resumes:  # a resumed run keeps the command that started it
+            record.command = command_line
+            record.options = dict(target.settings) if target is not None else options.recorded(params, given)
+        record.tags = list(dict.fromkeys([*record.tags, *params["tag"]]))
+        record.runs_root = str(root.resolve())
+        record.world_size = world.world_size
+        if source is not None:
+            record.from_run = source.id
 
     facts = detect()
     pm = plugin_registry.load_plugins()
     before = {name for name, _ in pm.list_name_plugin()}
+    train = dict(pm=pm, facts=facts, source=source, tracks=tracks, log=log, world=world)
     try:
+        if not world.is_main:  # no run of its own: it learns rank 0's directory in _train
+            return _train(params, None, checkpoint=None, **train)
         git_paths = {"experiment": str(target.experiment) if target is not None and target.experiment else None,
                      "profile": params["profile"] if params["profile"] and Path(params["profile"]).is_file() else None}
-        with ActiveRun(record, pm=pm, facts=facts, log=log, git_paths=git_paths) as run:
-            log(f"run {record.id} in {_shown(record.path)}")
-            result = _train(params, run, pm=pm, facts=facts, source=source, tracks=tracks, checkpoint=checkpoint,
-                            log=log, world=world)
+        with distributed.SigtermAsException(world.distributed) as sigterm:
+            with ActiveRun(record, pm=pm, facts=facts, log=log, git_paths=git_paths,
+                           explain=_peer_explanation(world) if world.distributed else None) as run:
+                log(f"run {record.id} in {_shown(record.path)}")
+                try:
+                    result = _train(params, run, checkpoint=checkpoint, **train)
+                finally:
+                    sigterm.hold()  # how the run ended is recorded next; a second SIGTERM must not cut that short
     finally:
         # --plugin is for this run only: the next run in this process (a sweep's next point) must not inherit it.
         for name, plugin in list(pm.list_name_plugin()):
             if name not in before and plugin is not None and pm.sources.get(name) == "--plugin":
                 pm.unregister(plugin)
                 pm.sources.pop(name, None)
-    if not world.is_main:
-        return result
     result.update(run=record.id, run_dir=record.dir, warnings=record.warnings)
     _report(result, log, as_json)
     return result
@@ -192,6 +206,26 @@ def run_training(params: dict[str, Any], *, given: set[str], command_line: str |
 
 def _silent(message: str) -> None:
     """The log of ranks other than 0: rank 0 speaks for the run."""
+
+
+def _peer_explanation(world):
+    """For rank 0's ActiveRun: when another rank failed first (rank 0 then only sees a broken collective, or the
+    SIGTERM torchrun sends after the failure), run.json records that rank's error instead."""
+    from spladectl import distributed
+
+    def explain(exc: BaseException) -> tuple[str, str] | None:
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C reached every process, rank 0 too
+            return None
+        peer = distributed.peer_failure(world)
+        if peer is not None:
+            if peer.get("interrupted"):
+                return "interrupted", f"interrupted (rank {peer['rank']})"
+            return "failed", f"rank {peer['rank']}: {peer['message']}"
+        if isinstance(exc, distributed.Terminated):  # no failure posted: a scheduler, or a rank killed outright
+            return "interrupted", f"{exc} (rank {world.rank})"
+        return None
+
+    return explain
 
 
 def _shown(path: Path) -> str:
@@ -269,7 +303,7 @@ def _checkpoint_path(spec: str, run_dir: Path, root: Path) -> Path:
 
 
 def _train(params: dict[str, Any], run, *, pm, facts, source, tracks, checkpoint, log, world) -> dict[str, Any]:
-    """This process's part of the training (one of several under torchrun, where rank 0 alone prints)."""
+    """This process's part of the training. `run` is the ActiveRun on rank 0, None on the other ranks."""
     from spladectl import distributed
     from spladectl import plugins as plugin_registry
 
@@ -286,8 +320,9 @@ def _train(params: dict[str, Any], run, *, pm, facts, source, tracks, checkpoint
                     f"{config.grad_accum}, seed {config.seed}"]
     else:
         config, demo, settings = _new_config(p, facts, tracks or [])
-    config.output_dir = str(run.path)
-    run.attach_config(config)
+    if run is not None:
+        config.output_dir = str(run.path)
+        run.attach_config(config)
 
     from spladectl.data import load_training_data
 
@@ -302,26 +337,33 @@ def _train(params: dict[str, Any], run, *, pm, facts, source, tracks, checkpoint
 
     from spladectl.engine import Trainer
 
+    resume_from = None
+    if run is not None and checkpoint:
+        resume_from = str(_checkpoint_path(checkpoint, run.path, Path(p["runs_root"])).resolve())
     distributed.start(world, config.device)
+    # Rank 0 chose the run directory and the checkpoint; the others write nothing there but read the checkpoint.
+    run_dir, resume_from = distributed.broadcast_object((config.output_dir, resume_from) if run is not None else None)
+    config.output_dir = run_dir
     with plugin_registry.naming_plugin_errors(pm):
         trainer = Trainer(config, examples, pm=pm, log=log, eval_fn=eval_fn if config.eval_every else None,
                           progress=p["progress"], world=world)
-    run.attach_trainer(trainer)
+    if run is not None:
+        run.attach_trainer(trainer)
     if p["mlflow_uri"]:
         trainer.state.extras["mlflow_uri"] = p["mlflow_uri"]
     before = None
     if heldout is not None and world.is_main:  # the others go on to their first step and wait for rank 0 there
         log("held-out quality before training …")
         before = eval_fn(trainer.state.model)
-    if checkpoint:
+    if resume_from:
         with plugin_registry.naming_plugin_errors(pm):
-            trainer.resume(_checkpoint_path(checkpoint, run.path, Path(p["runs_root"])))
+            trainer.resume(Path(resume_from))
 
     started = time.perf_counter()
     with plugin_registry.naming_plugin_errors(pm):
         result = trainer.fit()
     distributed.stop()
-    if not world.is_main:
+    if run is None:
         return result
     result["train_seconds"] = round(time.perf_counter() - started, 2)
     result["examples_per_s"] = trainer.state.examples_seen / max(result["train_seconds"], 1e-9)
