@@ -123,8 +123,8 @@ def test_a100_without_cuda_falls_back_with_one_reason_per_change(registry):
     assert r.reasons == [
         "a100 asks for cuda; no CUDA device: using cpu",
         (
-            "a100 asks for bf16-mixed; this CPU has no native bf16 (AVX512-BF16 or AMX), where it is slower than"
-            " float32: using 32-true"
+            "a100 asks for bf16-mixed; this CPU has no native bf16 (AVX512-BF16 or AMX), where it cannot be faster"
+            " than float32: using 32-true"
         ),
         "precision is 32-true: batch size 24 -> 12 (a100's batch_size_32)",
         "TF32 is a CUDA GPU feature: off on cpu",
