@@ -2,6 +2,9 @@
 
 The order of an epoch is a permutation drawn from its own generator (seed + epoch), so the data position of a
 checkpoint is just (epoch, micro-batches consumed) and resuming needs no replay of the random stream.
+With several processes, every process draws the same permutation and cuts it into global micro-batches of
+batch_size × world_size examples; each process takes its own contiguous share of each, so the processes together see
+exactly the micro-batches one process with the global batch size would see, in the same order.
 Tokenization runs in DataLoader workers when the profile asks for them, off the training step's critical path.
 """
 
@@ -115,12 +118,34 @@ def epoch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> list
     return [perm[i : i + batch_size] for i in range(0, n_examples, batch_size)]
 
 
+def rank_order(n_examples: int, batch_size: int, seed: int, epoch: int, *, world_size: int = 1,
+               rank: int = 0) -> list[list[int]]:
+    """This process's micro-batches of one epoch (`batch_size` examples each, per process).
+
+    The epoch's global micro-batches hold batch_size × world_size examples; process `rank` takes the rank-th equal,
+    contiguous part of each. A last global micro-batch that does not split evenly is topped up with the epoch's
+    first examples (fewer than world_size of them), because every process must contribute the same number of
+    representations to the gathers of the loss.
+    """
+    order = epoch_order(n_examples, batch_size * world_size, seed, epoch)
+    if world_size == 1:
+        return order
+    first = [i for batch in order for i in batch]
+    shards = []
+    for batch in order:
+        short = -len(batch) % world_size
+        batch = batch + [first[i % len(first)] for i in range(short)]
+        size = len(batch) // world_size
+        shards.append(batch[rank * size : (rank + 1) * size])
+    return shards
+
+
 def micro_batches(
     examples: list[Example], collator: Collator, *, batch_size: int, seed: int, epoch: int, start: int = 0,
-    workers: int = 0,
+    workers: int = 0, world_size: int = 1, rank: int = 0,
 ):
-    """Iterate the epoch's micro-batches from position `start` (micro-batches already consumed)."""
-    order = epoch_order(len(examples), batch_size, seed, epoch)[start:]
+    """Iterate this process's micro-batches of the epoch from position `start` (micro-batches already consumed)."""
+    order = rank_order(len(examples), batch_size, seed, epoch, world_size=world_size, rank=rank)[start:]
     collator.epoch = epoch
     # Its own generator: creating a DataLoader iterator draws a seed, and drawing it from the global RNG would shift
     # the dropout stream depending on where in an epoch a run was resumed.

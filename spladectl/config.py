@@ -24,8 +24,9 @@ class TrainConfig:
     profile: str = "cpu"
     device: str = "cpu"
     precision: str = "32-true"
-    batch_size: int = 8
+    batch_size: int = 8  # per device (per process)
     grad_accum: int = 1
+    world_size: int = 1  # training processes, set by torchrun (WORLD_SIZE)
     tf32: bool = False
     gradient_checkpointing: bool = False
     memory_efficient_head: bool = True
@@ -42,6 +43,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     n_negatives: int = 1  # hard negatives per example used in each step
     in_batch_negatives: bool = True  # score each query against every document of the micro-batch
+    cross_device_negatives: bool = True  # distributed: the in-batch negatives include every process's documents
     # SPLADE regularisation
     lambda_q: float = 5e-4
     lambda_d: float = 3e-4
@@ -78,7 +80,8 @@ class TrainConfig:
 
     @property
     def effective_batch_size(self) -> int:
-        return self.batch_size * self.grad_accum
+        """Examples per optimizer step: per device × accumulation × processes."""
+        return self.batch_size * self.grad_accum * self.world_size
 
     def to_toml(self) -> str:
         """TOML for OUTPUT/config.toml; None values are left out (TOML has no null) and mean 'the default'."""

@@ -3,6 +3,12 @@
 Read it top to bottom. Precision is chosen once: an autocast context (a no-op for 32-true) and a GradScaler that is
 only enabled for 16-mixed, so the step has no precision branches. Everything optional (loss terms beyond the
 ranking loss, the optimizer, the schedule, memory tracking, logging sinks) comes from plugins through hookspecs.py.
+
+Distributed (several processes under torchrun, see distributed.py): the model is wrapped in DistributedDataParallel,
+and each micro-batch's query and document representations are gathered from every process. Every process then
+computes the same loss over the global batch (ranking, FLOPS, distillation, plugin terms alike) and back-propagates
+it through its own examples only; the all-reduce of DDP averages those shares, so the backward is scaled by the world
+size to make their sum the gradient of the global loss: the update one process with the global batch would make.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ import numpy as np
 import torch
 
 from spladectl import checkpoint as ckpt
+from spladectl import distributed
 from spladectl.batches import Collator, MicroBatch, micro_batches, micro_batches_per_epoch
 from spladectl.config import TrainConfig
 from spladectl.data import Example
+from spladectl.distributed import World
 from spladectl.errors import SpladectlError
 from spladectl.losses import LossInputs, contrastive_loss
 from spladectl.model import SpladeEncoder
@@ -57,7 +65,13 @@ class TrainState:
 
     @property
     def is_main_process(self) -> bool:
+        """Rank 0: the process that writes metrics, checkpoints and the model (always true in a single process)."""
         return self.rank == 0
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """`obj` from every process, in rank order (`[obj]` in a single process). A collective: every process must
+        call it at the same point of the run, as a hook that runs on every step does."""
+        return distributed.gather_objects(obj) if self.world_size > 1 else [obj]
 
 
 def seed_everything(seed: int) -> None:
@@ -68,26 +82,48 @@ def seed_everything(seed: int) -> None:
 
 def plan_steps(config: TrainConfig, n_examples: int) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps)."""
-    per_epoch = math.ceil(micro_batches_per_epoch(n_examples, config.batch_size) / config.grad_accum)
+    global_batch = config.batch_size * config.world_size
+    per_epoch = math.ceil(micro_batches_per_epoch(n_examples, global_batch) / config.grad_accum)
     total = config.max_steps if config.max_steps is not None else per_epoch * config.epochs
     return per_epoch, total
 
 
+class _PairEncoder(torch.nn.Module):
+    """Queries and documents in one forward call, the unit DistributedDataParallel expects per backward."""
+
+    def __init__(self, encoder: SpladeEncoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, query_ids, query_mask, doc_ids, doc_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(query_ids, query_mask), self.encoder(doc_ids, doc_mask)
+
+
 class Trainer:
-    """Owns one run: build everything from the config, then `fit()`."""
+    """Owns one run: build everything from the config, then `fit()`.
+
+    `world` is this process's place in a distributed run (see distributed.py); its process group must already be
+    started (`distributed.start`). Only rank 0 logs, shows progress and writes files.
+    """
 
     def __init__(self, config: TrainConfig, examples: list[Example], *, pm, log: Callable[[str], None] = print,
-                 eval_fn: Callable[[SpladeEncoder], dict[str, float]] | None = None, progress: bool = True):
+                 eval_fn: Callable[[SpladeEncoder], dict[str, float]] | None = None, progress: bool = True,
+                 world: World | None = None):
         if not examples:
             raise SpladectlError("the training data holds no examples")
+        self.world = world or World()
+        if config.world_size != self.world.world_size:
+            raise SpladectlError(f"world_size: the configuration says {config.world_size} process(es), and this run "
+                                 f"has {self.world.world_size}")
         self.config = config
         self.examples = examples
         self.pm = pm
-        self.log = log
+        self.log = log if self.world.is_main else (lambda message: None)
         self.eval_fn = eval_fn
-        self.progress = progress
+        self.progress = progress and self.world.is_main
         self.output_dir = Path(config.output_dir)
-        self.device = torch.device(config.device)
+        self.device = distributed.device_for(self.world, torch.device(config.device).type) \
+            if self.world.distributed else torch.device(config.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = config.tf32
             torch.backends.cudnn.allow_tf32 = config.tf32
@@ -97,17 +133,26 @@ class Trainer:
             config.model, memory_efficient_head=config.memory_efficient_head,
             gradient_checkpointing=config.gradient_checkpointing,
         ).to(self.device)
+        if self.world.distributed:
+            # Every process starts from the same weights (DDP also broadcasts rank 0's); dropout draws its own masks.
+            seed_everything(config.seed + 7919 * self.world.rank)
         model.max_query_length, model.max_doc_length = config.max_query_length, config.max_doc_length
         min_negatives = min(len(e.negatives) for e in examples)
         if config.n_negatives > min_negatives:
             # The documents tensor must be rectangular; cycling a single negative would only repeat it.
-            log(f"note: using {min_negatives} hard negative(s) per example (the data has no more for some rows)")
+            self.log(f"note: using {min_negatives} hard negative(s) per example (the data has no more for some rows)")
             config.n_negatives = min_negatives
         self.collator = Collator(model.tokenizer, n_negatives=config.n_negatives, seed=config.seed,
                                  max_query_length=config.max_query_length, max_doc_length=config.max_doc_length)
         steps_per_epoch, total = plan_steps(config, len(examples))
         self.state = TrainState(config=config, output_dir=self.output_dir, model=model, device=self.device,
-                                total_steps=total, steps_per_epoch=steps_per_epoch)
+                                total_steps=total, steps_per_epoch=steps_per_epoch, rank=self.world.rank,
+                                world_size=self.world.world_size)
+        self.encoder: torch.nn.Module = _PairEncoder(model)
+        if self.world.distributed:
+            self.encoder = distributed.wrap_model(self.encoder, self.device)
+        # Teacher scores are gathered only when every example has them, so that all processes agree to gather.
+        self._gather_teacher = all(e.teacher_scores is not None for e in examples)
         self.state.optimizer = pm.hook.make_optimizer(model=model, state=self.state)
         self.state.scheduler = pm.hook.make_lr_scheduler(optimizer=self.state.optimizer, total_steps=total,
                                                          state=self.state)
@@ -122,8 +167,8 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- resume
     def resume(self, path: Path) -> None:
         state = ckpt.load_training_state(path)
-        saved = state.get("config", {})
-        for key in ("model", "batch_size", "grad_accum", "n_negatives", "seed"):
+        saved = {"world_size": 1, **state.get("config", {})}  # older checkpoints are all single-process ones
+        for key in ("model", "batch_size", "grad_accum", "world_size", "n_negatives", "seed"):
             if key in saved and saved[key] != getattr(self.config, key):
                 raise SpladectlError(
                     f"{path}: checkpoint was written with {key}={saved[key]!r}, this run has {getattr(self.config, key)!r}",
@@ -145,17 +190,24 @@ class Trainer:
         s.step, s.epoch, s.position = state["step"], state["epoch"], state["position"]
         s.skipped_steps, s.examples_seen = state["skipped_steps"], state["examples_seen"]
         s.best_metric, s.split_factor = state.get("best_metric"), state.get("split_factor", 1)
-        ckpt.set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank")
+        ckpt.set_rng_state(per_rank[self.world.rank] if per_rank else state["rng"])
         self.log(f"resumed from {path} at step {s.step} (epoch {s.epoch}, micro-batch {s.position})")
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint (rank 0; the others hand it their RNG states, so every process is called); its path."""
         s = self.state
+        rng = s.all_gather_object(ckpt.rng_state())
+        if not s.is_main_process:
+            return None
         payload = {
             "epoch": s.epoch, "position": s.position, "skipped_steps": s.skipped_steps,
             "examples_seen": s.examples_seen, "best_metric": s.best_metric, "split_factor": s.split_factor,
             "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
-            "scaler": s.scaler.state_dict(), "rng": ckpt.rng_state(), "config": self.config.to_dict(),
+            "scaler": s.scaler.state_dict(), "rng": rng[0], "config": self.config.to_dict(),
         }
+        if len(rng) > 1:  # each process resumes its own dropout stream
+            payload["rng_per_rank"] = rng
         path = ckpt.save_checkpoint(self.output_dir / "checkpoints", s.step, encoder=s.model, state=payload,
                                     keep_last=self.config.keep_last)
         self.pm.hook.on_checkpoint_saved(state=s, path=str(path))
@@ -168,7 +220,8 @@ class Trainer:
             if self._batches is None:
                 self._batches = iter(micro_batches(self.examples, self.collator, batch_size=c.batch_size,
                                                    seed=c.seed, epoch=s.epoch, start=s.position,
-                                                   workers=c.dataloader_workers))
+                                                   workers=c.dataloader_workers, world_size=self.world.world_size,
+                                                   rank=self.world.rank))
             batch = next(self._batches, None)
             if batch is not None:
                 s.position += 1
@@ -178,33 +231,46 @@ class Trainer:
     def _step_micro_batches(self) -> list[MicroBatch]:
         # An epoch's last optimizer step may have fewer micro-batches; the loss is divided by how many it has.
         s, c = self.state, self.config
-        left_in_epoch = micro_batches_per_epoch(len(self.examples), c.batch_size) - s.position
+        per_epoch = micro_batches_per_epoch(len(self.examples), c.batch_size * self.world.world_size)
+        left_in_epoch = per_epoch - s.position
         if left_in_epoch == 0:
-            left_in_epoch = micro_batches_per_epoch(len(self.examples), c.batch_size)
+            left_in_epoch = per_epoch
         return [self._next_micro_batch() for _ in range(min(c.grad_accum, left_in_epoch))]
 
     # ----------------------------------------------------------------------------------------------- the step
     def _forward_backward(self, batches: list[MicroBatch]) -> dict[str, torch.Tensor]:
         """Accumulate the gradients of one optimizer step; returns its loss terms and sparsity, still on device."""
-        s, c, model = self.state, self.config, self.state.model
+        s, c = self.state, self.config
+        world_size = self.world.world_size
+        groups = 1 if c.cross_device_negatives else world_size
         totals: dict[str, torch.Tensor] = {}
-        for batch in batches:
+        for i, batch in enumerate(batches):
             batch = batch.to(self.device)
-            with self.autocast():
-                query = model(batch.query_ids, batch.query_mask)
-                docs = model(batch.doc_ids, batch.doc_mask)
-            inputs = LossInputs.build(query.float(), docs.float().view(batch.size, -1, docs.shape[-1]),
-                                      batch.teacher_scores)
-            terms = {"ranking": contrastive_loss(inputs, in_batch=c.in_batch_negatives)}
-            for plugin_terms in self.pm.hook.loss_terms(inputs=inputs, state=s):
-                for name, value in (plugin_terms or {}).items():
-                    terms[name] = terms[name] + value if name in terms else value
-            loss = sum(terms.values())
-            s.scaler.scale(loss / len(batches)).backward()
+            # Gradients are all-reduced once per optimizer step, on its last micro-batch.
+            with distributed.synchronising(self.encoder, sync=i == len(batches) - 1):
+                with self.autocast():
+                    query, docs = self.encoder(batch.query_ids, batch.query_mask, batch.doc_ids, batch.doc_mask)
+                inputs = self._loss_inputs(query.float(), docs.float(), batch)
+                terms = {"ranking": contrastive_loss(inputs, in_batch=c.in_batch_negatives, groups=groups)}
+                for plugin_terms in self.pm.hook.loss_terms(inputs=inputs, state=s):
+                    for name, value in (plugin_terms or {}).items():
+                        terms[name] = terms[name] + value if name in terms else value
+                loss = sum(terms.values())
+                s.scaler.scale(loss * world_size / len(batches)).backward()
             logged = {"loss": loss, **terms, "query_dims": _active(inputs.query), "doc_dims": _active(inputs.documents)}
             for name, value in logged.items():
                 totals[name] = totals.get(name, 0.0) + value.detach() / len(batches)
         return totals
+
+    def _loss_inputs(self, query: torch.Tensor, docs: torch.Tensor, batch: MicroBatch) -> LossInputs:
+        """The loss's view of a micro-batch: this process's examples, or in a distributed run every process's."""
+        teacher = batch.teacher_scores
+        local_rows = None
+        if self.world.distributed:
+            query, docs = distributed.gather(query), distributed.gather(docs)
+            teacher = distributed.gather(teacher) if self._gather_teacher else None
+            local_rows = slice(self.world.rank * batch.size, (self.world.rank + 1) * batch.size)
+        return LossInputs.build(query, docs.view(query.shape[0], -1, docs.shape[-1]), teacher, local_rows)
 
     def _optimizer_step(self) -> dict[str, Any]:
         s, c = self.state, self.config
@@ -221,7 +287,8 @@ class Trainer:
                 if not is_out_of_memory(exc):
                     raise
                 self._recover_from_oom(pieces[0].size, exc)
-        s.examples_seen += sum(b.size for b in batches)
+        examples = sum(b.size for b in batches) * self.world.world_size
+        s.examples_seen += examples
 
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.max_grad_norm)
@@ -239,7 +306,7 @@ class Trainer:
         metrics.update({
             "step": s.step, "epoch": s.epoch, "lr": lr, "grad_norm": float(grad_norm), "loss_scale": scale,
             "skipped": bool(skipped), "skipped_steps": s.skipped_steps, "micro_batch": pieces[0].size,
-            "examples": sum(b.size for b in batches), "step_seconds": time.perf_counter() - started,
+            "examples": examples, "step_seconds": time.perf_counter() - started,
         })
         return metrics
 
@@ -249,6 +316,14 @@ class Trainer:
         s.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        if self.world.distributed:
+            # The other processes are waiting in this step's collectives; a retry with other shapes would not match.
+            raise SpladectlError(
+                f"out of memory on rank {self.world.rank} ({self.device}) at micro-batch {micro_batch} per device "
+                f"({str(exc).splitlines()[0]})",
+                hint="lower --batch-size (it is per device) and raise --grad-accum to keep the effective batch, or "
+                     "add --memory-efficient",
+            ) from exc
         if micro_batch <= 1:
             raise SpladectlError(
                 f"out of memory at micro-batch 1 on {self.device} ({str(exc).splitlines()[0]})",
@@ -262,10 +337,12 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
         s, c = self.state, self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        metrics_file = _open_metrics(self.output_dir / "metrics.jsonl", resumed_at=s.step)
-        if not s.step:  # a fresh run in a reused directory must not inherit old evaluations
-            (self.output_dir / "eval.jsonl").unlink(missing_ok=True)
+        main = s.is_main_process
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if not s.step:  # a fresh run in a reused directory must not inherit old evaluations
+                (self.output_dir / "eval.jsonl").unlink(missing_ok=True)
+        metrics_file = _open_metrics(self.output_dir / "metrics.jsonl", resumed_at=s.step) if main else None
         s.model.train()
         self.pm.hook.on_train_start(state=s)
         status, patience_left = "failed", c.early_stopping_patience
@@ -278,20 +355,26 @@ class Trainer:
                 metrics["examples_per_s"] = sum(e for e, _ in window) / max(sum(t for _, t in window), 1e-9)
                 self.pm.hook.on_step_end(state=s, metrics=metrics)
                 s.last_metrics = metrics
-                if s.is_main_process:
+                if metrics_file is not None:
                     metrics_file.write(json.dumps(metrics) + "\n")
                     metrics_file.flush()
                 self._warn_on_collapse(metrics)
                 bar.update(1)
                 bar.set_postfix(_postfix(metrics), refresh=False)
                 if c.eval_every and self.eval_fn and s.step % c.eval_every == 0:
-                    improved = self._evaluate()
-                    if patience_left is not None:
-                        patience_left = c.early_stopping_patience if improved else patience_left - 1
-                        if patience_left <= 0:
-                            self.log(f"early stopping at step {s.step}: no {c.eval_metric} gain in "
-                                     f"{c.early_stopping_patience} evaluations")
-                            break
+                    stop = False
+                    if main:  # the others wait for rank 0's verdict in the broadcast below
+                        improved = self._evaluate()
+                        if patience_left is not None:
+                            patience_left = c.early_stopping_patience if improved else patience_left - 1
+                            stop = patience_left <= 0
+                            if stop:
+                                self.log(f"early stopping at step {s.step}: no {c.eval_metric} gain in "
+                                         f"{c.early_stopping_patience} evaluations")
+                    if self.world.distributed:
+                        stop = distributed.broadcast_object(stop)
+                    if stop:
+                        break
                 if c.save_every and s.step % c.save_every == 0 and s.step < s.total_steps:
                     self.save_checkpoint()
             status = "finished"
@@ -300,11 +383,13 @@ class Trainer:
             raise
         finally:
             bar.close()
-            metrics_file.close()
+            if metrics_file is not None:
+                metrics_file.close()
             self.pm.hook.on_train_end(state=s, status=status)
         self.save_checkpoint()
         final = self.output_dir / "final"
-        s.model.save_pretrained(final, extra_metadata={"steps": s.step, "precision": c.precision})
+        if main:
+            s.model.save_pretrained(final, extra_metadata={"steps": s.step, "precision": c.precision})
         return {"status": status, "steps": s.step, "skipped_steps": s.skipped_steps, "final": str(final),
                 "last_metrics": s.last_metrics}
 

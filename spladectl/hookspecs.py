@@ -2,6 +2,10 @@
 
 Implementations may declare any subset of a hook's arguments (pluggy passes only those), so adding an argument here
 later never breaks an existing plugin. See docs/plugins.md for when each hook runs, with examples.
+
+In a distributed run every process calls the training hooks, except on_evaluate, on_checkpoint_saved, summary_rows
+and on_run_end (rank 0 only, which alone has the run); `state.rank`, `state.world_size` and `state.is_main_process`
+say which process runs.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ def register_profiles(register: Callable[..., None]) -> None:
 @hookspec
 def loss_terms(inputs: "LossInputs", state: "TrainState") -> "Mapping[str, torch.Tensor] | None":
     """Return named scalar loss terms to add to the ranking loss for this micro-batch (collected from every plugin;
-    each is logged under its name). `inputs` holds query (B, V), documents (B, 1+N, V), scores, teacher_scores."""
+    each is logged under its name). `inputs` holds query (B, V), documents (B, 1+N, V), scores, teacher_scores; in a
+    distributed run, every process's examples, `inputs.local_rows` being this process's."""
 
 
 @hookspec(firstresult=True)
@@ -78,12 +83,12 @@ def on_step_end(state: "TrainState", metrics: dict[str, Any]) -> None:
 
 @hookspec
 def on_evaluate(state: "TrainState", metrics: dict[str, float]) -> None:
-    """Called after an evaluation during training with its retrieval metrics."""
+    """Called after an evaluation during training with its retrieval metrics (on rank 0, which evaluates)."""
 
 
 @hookspec
 def on_checkpoint_saved(state: "TrainState", path: str) -> None:
-    """Called after a checkpoint directory has been written completely."""
+    """Called after a checkpoint directory has been written completely (on rank 0, which writes it)."""
 
 
 @hookspec
@@ -95,7 +100,8 @@ def on_train_end(state: "TrainState", status: str) -> None:
 def on_run_end(state: "TrainState", run: "RunRecord") -> None:
     """Called by `spladectl train` (and each sweep point) once the run directory is complete: final model written,
     evaluations done, run.json saved with `run.status` and the summary metrics. Also after a failure or Ctrl-C, if
-    training had started. Not called when a Trainer is driven from Python without the run machinery."""
+    training had started. In a distributed run, on rank 0 only (it writes the run directory; `run.world_size` says
+    how many processes trained). Not called when a Trainer is driven from Python without the run machinery."""
 
 
 @hookspec

@@ -2,7 +2,8 @@
 
 Shapes: B examples per micro-batch, each with 1 positive and N hard-negative documents, vocabulary V. The ranking
 scores of a micro-batch are every query against every document of the micro-batch (in-batch negatives); the target
-of query i is its own positive, column i * (1 + N).
+of query i is its own positive, column i * (1 + N). In a distributed run the micro-batch is the global one: every
+process's examples, gathered (see engine.py), so every term here is computed over the global batch.
 """
 
 from __future__ import annotations
@@ -23,16 +24,20 @@ class LossInputs:
 
     query (B, V), documents (B, 1+N, V) positive first, scores (B, B*(1+N)) fp32 query·document for every document
     of the micro-batch, teacher_scores (B, 1+N) or None: a teacher's scores of each query's own documents.
+    In a distributed run B counts the examples of all processes, and `local_rows` are this process's (the only rows
+    whose representations carry gradients here); None in a single process.
     """
 
     query: torch.Tensor
     documents: torch.Tensor
     scores: torch.Tensor
     teacher_scores: torch.Tensor | None = None
+    local_rows: slice | None = None
 
     @classmethod
     def build(
-        cls, query: torch.Tensor, documents: torch.Tensor, teacher_scores: torch.Tensor | None = None
+        cls, query: torch.Tensor, documents: torch.Tensor, teacher_scores: torch.Tensor | None = None,
+        local_rows: slice | None = None,
     ) -> "LossInputs":
         """Compute the in-batch scores (in fp32, whatever the representations' dtype) and check the shapes."""
         if query.dim() != 2 or documents.dim() != 3 or documents.shape[0] != query.shape[0] \
@@ -44,7 +49,7 @@ class LossInputs:
                              f"got {tuple(teacher_scores.shape)}")
         flat_docs = documents.reshape(-1, documents.shape[-1])
         scores = query.float() @ flat_docs.float().T
-        return cls(query, documents, scores, teacher_scores)
+        return cls(query, documents, scores, teacher_scores, local_rows)
 
     @property
     def docs_per_query(self) -> int:
@@ -64,13 +69,25 @@ class LossInputs:
         return self.scores.gather(1, cols)
 
 
-def contrastive_loss(inputs: LossInputs, *, in_batch: bool = True) -> torch.Tensor:
+def contrastive_loss(inputs: LossInputs, *, in_batch: bool = True, groups: int = 1) -> torch.Tensor:
     """Cross-entropy of each query's positive against all documents of the micro-batch (in-batch + hard negatives);
-    with `in_batch=False`, against its own hard negatives only."""
+    with `in_batch=False`, against its own hard negatives only.
+
+    `groups` > 1 splits the batch into that many equal consecutive groups of examples, and a query's in-batch
+    negatives come from its own group only: the examples of one device, when cross-device negatives are off.
+    """
     if not in_batch:
         own = inputs.own_scores
         return F.cross_entropy(own, torch.zeros(own.shape[0], dtype=torch.long, device=own.device))
-    return F.cross_entropy(inputs.scores, inputs.targets)
+    scores = inputs.scores
+    if groups > 1:
+        batch = scores.shape[0]
+        if batch % groups:
+            raise ValueError(f"a batch of {batch} examples does not split into {groups} equal groups")
+        query_group = torch.arange(batch, device=scores.device) // (batch // groups)
+        doc_group = torch.arange(scores.shape[1], device=scores.device) // (scores.shape[1] // groups)
+        scores = scores.masked_fill(query_group.unsqueeze(1) != doc_group.unsqueeze(0), float("-inf"))
+    return F.cross_entropy(scores, inputs.targets)
 
 
 def flops(reps: torch.Tensor) -> torch.Tensor:

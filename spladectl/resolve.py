@@ -26,7 +26,8 @@ variables (`ENV_VARS`), the profile. Then the hardware has the last word on what
   - batch size: the profile's `batch_size_32` when the precision is 32-true; divided down (and grad_accum multiplied
     up, keeping the effective batch) on a GPU with less memory than the profile was written for.
   - tf32 is off without a CUDA GPU of compute capability 8.0 or newer.
-  - dataloader workers: at most one fewer than the logical CPUs.
+  - dataloader workers: at most one fewer than the logical CPUs, shared among the processes of a distributed run on
+    this machine (LOCAL_WORLD_SIZE, set by torchrun).
 Batch size, grad_accum and workers the user gave explicitly are never adjusted; device, precision and tf32 are
 capabilities, so they fall back whatever their source, and the reason names that source.
 """
@@ -163,7 +164,8 @@ def resolve(
             values[key], sources[key] = value, source
 
     changes: dict[str, str] = {}
-    state = _State(profile, facts, values, sources, changes)
+    local_processes = _parse(env.get("LOCAL_WORLD_SIZE") or 1, "positive", "env LOCAL_WORLD_SIZE")
+    state = _State(profile, facts, values, sources, changes, local_processes)
     state.device(force)
     state.precision()
     state.batch_for_precision()
@@ -271,6 +273,7 @@ class _State:
     values: dict[str, Any]
     sources: dict[str, str]
     changes: dict[str, str]
+    local_processes: int = 1  # training processes on this machine, which share its cores
 
     def change(self, key: str, value: Any, reason: str) -> None:
         self.values[key], self.sources[key] = value, "hardware"
@@ -361,12 +364,15 @@ class _State:
 
     def workers(self) -> None:
         workers, cores = self.values["dataloader_workers"], self.facts.cpu_cores_logical
-        limit = max(0, cores - 1)
+        processes = self.local_processes
+        limit = max(0, cores // processes - 1)
         if workers > limit and not _explicit(self.sources["dataloader_workers"]):
-            self.change(
-                "dataloader_workers", limit,
-                f"{cores} logical CPU(s): dataloader workers {workers} -> {limit} (one core stays with training)",
-            )
+            if processes == 1:
+                why = f"{cores} logical CPU(s): dataloader workers {workers} -> {limit} (one core stays with training)"
+            else:
+                why = (f"{cores} logical CPU(s) shared by {processes} training processes: dataloader workers "
+                       f"{workers} -> {limit} per process (one core each stays with training)")
+            self.change("dataloader_workers", limit, why)
 
 
 # ---- detection: which profile fits this machine -------------------------------------------------------------------

@@ -1,11 +1,12 @@
-"""Micro-batches: resumable order, no example dropped, hard negatives sampled per epoch, OOM splitting."""
+"""Micro-batches: resumable order, no example dropped, hard negatives sampled per epoch, OOM splitting, and the
+shares of each process in a distributed run."""
 
 from __future__ import annotations
 
 import pytest
 from transformers import AutoTokenizer
 
-from spladectl.batches import Collator, epoch_order, micro_batches
+from spladectl.batches import Collator, epoch_order, micro_batches, rank_order
 from spladectl.data import Example
 from spladectl.model import resolve_model_path
 
@@ -20,6 +21,29 @@ def test_epoch_order_covers_every_example_once_and_depends_on_the_epoch():
     assert sorted(i for batch in first for i in batch) == list(range(10))
     assert [len(b) for b in first] == [3, 3, 3, 1]  # the short last batch is kept
     assert first != second and first == epoch_order(10, 3, seed=1, epoch=0)
+
+
+def test_processes_share_each_global_micro_batch_in_order():
+    # 3 processes × 2 examples: the global micro-batches of one process with batch 6, cut into 3 contiguous shares.
+    shares = [rank_order(12, 2, seed=5, epoch=0, world_size=3, rank=r) for r in range(3)]
+    single = epoch_order(12, 6, seed=5, epoch=0)
+    assert [sum((shares[r][b] for r in range(3)), []) for b in range(len(single))] == single
+    assert all(len(batch) == 2 for share in shares for batch in share)
+    # every epoch draws a new order, the same on every process
+    later = [rank_order(12, 2, seed=5, epoch=1, world_size=3, rank=r) for r in range(3)]
+    assert later != shares
+    assert sorted(i for share in later for batch in share for i in batch) == list(range(12))
+
+
+def test_an_uneven_last_micro_batch_is_topped_up_to_equal_shares():
+    # 11 examples, 2 processes × 2: the last global micro-batch has 3 examples, one short of two equal shares.
+    shares = [rank_order(11, 2, seed=0, epoch=0, world_size=2, rank=r) for r in range(2)]
+    single = epoch_order(11, 4, seed=0, epoch=0)
+    assert [len(batch) for batch in single] == [4, 4, 3]
+    assert [len(batch) for batch in shares[0]] == [2, 2, 2] and [len(batch) for batch in shares[1]] == [2, 2, 2]
+    last = shares[0][-1] + shares[1][-1]
+    assert last == single[-1] + [single[0][0]]  # one example from the start of the epoch fills the gap
+    assert sorted({i for share in shares for batch in share for i in batch}) == list(range(11))
 
 
 def test_negatives_are_resampled_each_epoch_and_reproducibly(tokenizer):

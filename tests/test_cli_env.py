@@ -16,7 +16,7 @@ def test_env_human(cli):
     result = cli("env", env={"SPLADECTL_BATCH_SIZE": "4"})
     assert result.exit_code == 0, result.output
     for line in ("- spladectl version: ", "- Python version: ", "- torch version: ", "- transformers version: ",
-                 "- CPU: ", "- RAM: ", "- native bf16 / AMX: ", "- CUDA: ", "- Apple MPS: ", "- Detected profile: ",
+                 "- torch.distributed backends: ", "- CPU: ", "- RAM: ", "- native bf16 / AMX: ", "- CUDA: ", "- Apple MPS: ", "- Detected profile: ",
                  "  - SPLADECTL_BATCH_SIZE=4"):
         assert line in result.stdout
 
@@ -25,8 +25,10 @@ def test_env_json(cli):
     result = cli("env", "--json", env={"CUDA_VISIBLE_DEVICES": "0"})
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    expected = {"spladectl", "python", "torch", "transformers", "platform", "hardware", "profile", "environment"}
+    expected = {"spladectl", "python", "torch", "transformers", "platform", "hardware", "profile", "environment",
+                "distributed_backends"}
     assert expected <= set(data)
+    assert "gloo" in data["distributed_backends"]  # the CPU backend every torch build with distributed has
     assert data["profile"]["name"] in data["profile"]["resolved"]["name"]
     assert data["environment"]["CUDA_VISIBLE_DEVICES"] == "0"
 

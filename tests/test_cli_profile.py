@@ -75,6 +75,15 @@ def test_show_resolve_human(cli):
         assert "a100 asks for cuda; no CUDA device" in flat(result.stdout)
 
 
+def test_world_size_previews_the_effective_batch_of_a_distributed_run(cli):
+    data = ok_json(cli("profile", "show", "a100", "--json", "--batch-size", "3", "--grad-accum", "2",
+                       "--world-size", "8"))
+    assert (data["world_size"], data["sources"]["world_size"]) == (8, "flag --world-size")
+    assert data["effective_batch_size"] == 3 * 2 * 8 and data["batch_size"] == 3  # batch_size stays per device
+    human = cli("profile", "show", "a100", "--batch-size", "3", "--grad-accum", "2", "--world-size", "8")
+    assert "effective batch: 3 per device x 2 accumulation x 8 process(es) = 48" in flat(human.stdout)
+
+
 def test_override_flags_show_their_effect_and_canonical_precision(cli):
     data = ok_json(cli("profile", "show", "a100", "--json", "--precision", "fp32", "--batch-size", "3",
                        "--grad-accum", "5", "--device", "cpu"))

@@ -96,6 +96,7 @@ def test_long_or_unsafe_names_stay_unique():
     ('[grid]\nlr = 1e-4\n', "[grid] lr: expected a non-empty list"),
     ('[base]\noutput-dir = "x"\n', "output-dir cannot be set in an experiment"),
     ('[[points]]\nresume = "latest"\n', "[[points]] #1: resume cannot be set"),
+    ('[grid]\nnproc-per-node = [1, 2]\n', "[grid]: nproc-per-node cannot be set in an experiment: a sweep trains"),
     ('[base]\nlr = 1e-4\n[extra]\nx = 1\n', "unknown key(s) extra"),
     ('[[points]]\nseed = 1\n[[points]]\nseed = 1\n', "two points are both named 'seed=1'"),
     ('name = "a/b"\n', "name 'a/b'"),
@@ -106,6 +107,17 @@ def test_mistakes_name_the_file_and_key(tmp_path, command, text, message):
     with pytest.raises(SpladectlError) as info:
         load_experiment(path, command)
     assert str(path) in str(info.value) and message in str(info.value)
+
+
+def test_a_sweep_refuses_to_run_as_one_of_several_torchrun_processes(cli, tmp_path):
+    # Each process would claim and train points of its own; the environment is what torchrun gives rank 1 of 2.
+    path = write(tmp_path, EXPERIMENT)
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+           "COLUMNS": "2000"}
+    result = cli("sweep", str(path), "--runs-root", str(tmp_path / "runs"), env=env)
+    assert result.exit_code == 2 and "started as one of 2 processes" in result.output, result.output
+    assert str(path) in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
 
 
 def test_shards_split_the_points_evenly_and_completely(tmp_path, command):

@@ -53,6 +53,19 @@ def test_contrastive_loss_by_hand():
     assert losses.contrastive_loss(LossInputs.build(Q, D), in_batch=False).item() == pytest.approx(own_only, rel=1e-6)
 
 
+def test_per_device_groups_keep_in_batch_negatives_within_each_device():
+    # Two "devices" of two examples each: with groups=2 a query's in-batch negatives are its own device's documents,
+    # so the loss is the mean of the two devices' own in-batch losses; with groups=1 every document competes.
+    q, d = torch.cat([Q, Q.flip(0)]), torch.cat([D, D.flip(0)])
+    grouped = losses.contrastive_loss(LossInputs.build(q, d), groups=2)
+    per_device = [losses.contrastive_loss(LossInputs.build(q[i:i + 2], d[i:i + 2])) for i in (0, 2)]
+    assert grouped.item() == pytest.approx(sum(per_device).item() / 2, rel=1e-6)
+    everything = losses.contrastive_loss(LossInputs.build(q, d))
+    assert everything.item() > grouped.item() + 0.1  # more negatives, a harder task
+    with pytest.raises(ValueError, match="equal groups"):
+        losses.contrastive_loss(LossInputs.build(q[:3], d[:3]), groups=2)
+
+
 def test_flops_and_l1_by_hand():
     reps = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 0.0]])
     # batch means per term: 2, 0, 1 → 4 + 0 + 1

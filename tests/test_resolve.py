@@ -123,8 +123,8 @@ def test_a100_without_cuda_falls_back_with_one_reason_per_change(registry):
     assert r.reasons == [
         "a100 asks for cuda; no CUDA device: using cpu",
         (
-            "a100 asks for bf16-mixed; this CPU has no native bf16 (AVX512-BF16 or AMX), where it is slower than"
-            " float32: using 32-true"
+            "a100 asks for bf16-mixed; this CPU has no native bf16 (AVX512-BF16 or AMX), where it cannot be faster"
+            " than float32: using 32-true"
         ),
         "precision is 32-true: batch size 24 -> 12 (a100's batch_size_32)",
         "TF32 is a CUDA GPU feature: off on cpu",
@@ -231,6 +231,19 @@ def test_workers_leave_a_core_for_training_unless_explicit(registry):
         "4 logical CPU(s): dataloader workers 4 -> 3 (one core stays with training)"
     )
     assert run(registry, CPU_PLAIN, "a100", env={"SPLADECTL_DATALOADER_WORKERS": "8"}).dataloader_workers == 8
+
+
+def test_processes_on_one_machine_share_its_cores_for_workers(registry):
+    # torchrun starts LOCAL_WORLD_SIZE processes here; each gets its share of the 16 cores, one kept for training.
+    r = run(registry, CPU_BF16, "a100", env={"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"})
+    assert r.dataloader_workers == 3
+    assert r.changes["dataloader_workers"] == (
+        "16 logical CPU(s) shared by 4 training processes: dataloader workers 4 -> 3 per process "
+        "(one core each stays with training)"
+    )
+    assert run(registry, CPU_BF16, "a100", env={"LOCAL_WORLD_SIZE": "8"}).dataloader_workers == 1
+    with pytest.raises(SpladectlError, match="LOCAL_WORLD_SIZE"):
+        run(registry, CPU_BF16, "a100", env={"LOCAL_WORLD_SIZE": "zero"})
 
 
 def test_as_dict_contract(registry):

@@ -25,6 +25,9 @@ RELEVANT_ENV = (
     "WORLD_SIZE",
     "RANK",
     "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",
     "PYTORCH_CUDA_ALLOC_CONF",
@@ -65,6 +68,7 @@ def collect(facts: HardwareFacts, environ: Mapping[str, str] | None = None) -> d
         "torch": facts.torch,
         "torch_cuda": facts.cuda_version,
         "transformers": _version("transformers"),
+        "distributed_backends": _distributed_backends(),
         "hardware": facts.to_dict(),
     }
     report.update(_profiles(facts))
@@ -108,7 +112,21 @@ def _plugins() -> list[str] | dict[str, str]:
 
 
 def _relevant(environ: Mapping[str, str]) -> list[str]:
-    return sorted(name for name in environ if name.startswith("SPLADECTL_") or name in RELEVANT_ENV)
+    # NCCL_* and GLOO_* steer the interconnect of distributed runs (NCCL_SOCKET_IFNAME, NCCL_IB_DISABLE, ...).
+    return sorted(name for name in environ
+                  if name.startswith(("SPLADECTL_", "NCCL_", "GLOO_")) or name in RELEVANT_ENV)
+
+
+def _distributed_backends() -> list[str]:
+    try:
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            return []
+        return [name for name, there in (("nccl", dist.is_nccl_available()), ("gloo", dist.is_gloo_available()),
+                                          ("mpi", dist.is_mpi_available())) if there]
+    except Exception:  # a broken torch install: the rest of the report still helps
+        return []
 
 
 def _mask(name: str, value: str) -> str:
@@ -127,6 +145,7 @@ def format_report(report: dict[str, Any], facts: HardwareFacts) -> str:
         f"- Python version: {report['python']}",
         f"- torch version: {report['torch']} (CUDA build: {report['torch_cuda'] or 'none'})",
         f"- transformers version: {report['transformers'] or 'not installed'}",
+        f"- torch.distributed backends: {', '.join(report['distributed_backends']) or 'none'}",
     ]
     lines += [f"- {label}: {value}" for label, value in hardware_rows(facts)]
     profile = report["profile"]

@@ -39,6 +39,10 @@ BatchSizeOption = Annotated[int | None, typer.Option("--batch-size", min=1, help
 GradAccumOption = Annotated[
     int | None, typer.Option("--grad-accum", min=1, help="Micro-batches accumulated per optimizer step.")
 ]
+WorldSizeOption = Annotated[
+    int | None, typer.Option("--world-size", min=1, help="Training processes (GPUs) in all, as torchrun would start; "
+                                                         "default: WORLD_SIZE or 1.")
+]
 
 
 @profile_app.command("list")
@@ -69,9 +73,10 @@ def show(
     precision: PrecisionOption = None,
     batch_size: BatchSizeOption = None,
     grad_accum: GradAccumOption = None,
+    world_size: WorldSizeOption = None,
 ) -> None:
     """Show a profile as written, or with --resolve as it applies here (any override flag implies --resolve)."""
-    flags = _flags(device, force_device, precision, batch_size, grad_accum)
+    flags = _flags(device, force_device, precision, batch_size, grad_accum, world_size)
     profile = default_registry().get(name)
     if not (resolve_ or flags):
         if json_:
@@ -94,9 +99,10 @@ def detect_command(
     precision: PrecisionOption = None,
     batch_size: BatchSizeOption = None,
     grad_accum: GradAccumOption = None,
+    world_size: WorldSizeOption = None,
 ) -> None:
     """Detect this machine's hardware, pick the profile that fits best, and show how it would train."""
-    flags = _flags(device, force_device, precision, batch_size, grad_accum)
+    flags = _flags(device, force_device, precision, batch_size, grad_accum, world_size)
     facts = detect()
     registry = default_registry()
     name, score, why = pick_profile(facts, registry)
@@ -124,9 +130,9 @@ def detect_command(
 
 # ---- output -------------------------------------------------------------------------------------------------------
 
-def _flags(device, force_device, precision, batch_size, grad_accum) -> dict[str, Any]:
+def _flags(device, force_device, precision, batch_size, grad_accum, world_size=None) -> dict[str, Any]:
     given = {"device": device, "force_device": force_device, "precision": precision, "batch_size": batch_size,
-             "grad_accum": grad_accum}
+             "grad_accum": grad_accum, "world_size": world_size}
     return {key: value for key, value in given.items() if value is not None}
 
 
@@ -195,7 +201,7 @@ def _print_resolved(r: Resolved, console=None) -> None:
         _row(table, key, value, r.sources[key])
     console.print(table)
     console.print(
-        f"effective batch: {r.batch_size} x {r.grad_accum} accumulation x {r.world_size} process(es)"
+        f"effective batch: {r.batch_size} per device x {r.grad_accum} accumulation x {r.world_size} process(es)"
         f" = {r.effective_batch_size}",
         markup=False,
     )

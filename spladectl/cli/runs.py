@@ -99,6 +99,8 @@ def show(
     lines = [f"run {record.id}: {record.effective_status()}{where}", f"  dir        {record.dir}",
              f"  started    {record.started}   ended {record.ended or '-'}   duration {_duration(record.duration_s)}"
              + (f" (training {_duration(record.train_seconds)})" if record.train_seconds else "")]
+    if record.world_size > 1:
+        lines.append(f"  processes  {record.world_size} (distributed; rank 0 wrote this directory)")
     if record.resumes:
         lines.append(f"  resumed    {record.resumes} time(s)")
     if record.from_run:

@@ -37,10 +37,18 @@ def sweep(
     compare.png there.
     """
     from spladectl.cli.train import RunTarget, run_training
+    from spladectl.distributed import World
     from spladectl.runs import experiment as experiments
     from spladectl.runs import options
     from spladectl.runs import sweep as sweeps
 
+    world = World.from_env()
+    if world.distributed:
+        # Every process would claim and train points of its own: a sweep is one process (see NOT_IN_POINTS).
+        raise SpladectlError(f"spladectl sweep {experiment}: started as one of {world.world_size} processes "
+                             "(torchrun sets WORLD_SIZE); a sweep runs in one process",
+                             hint="run `spladectl sweep` directly; `--shard i/n` splits the points over several "
+                                  "sweep processes or machines")
     log = (lambda msg: typer.echo(msg, err=True)) if as_json else typer.echo
     command = options.train_command()
     exp = experiments.load_experiment(experiment, command)

@@ -3,6 +3,11 @@
 With no arguments it fine-tunes the embedded splade-tiny on the demo set shipped in the package and prints
 retrieval quality on the demo's held-out part before and after. Every training is a run (spladectl/runs/): a
 directory under the runs root whose run.json says how it went, whatever happens.
+
+Distributed: with --nproc-per-node the command first hands over to torch.distributed.run (launch.py), before any run
+directory exists; each process it starts (or plain torchrun starts) runs this command again and goes through
+`run_training` with its World. Rank 0 alone plans the run, writes its directory and prints; it tells the other ranks
+the directory (and the checkpoint to resume from) once the process group is up.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 # one negative left held-out nDCG@10 flat, 2e-4 with two negatives raised it by 0.03).
 DEMO_DEFAULTS = {"epochs": 2, "lr": 2e-4, "n_negatives": 2, "batch_size": 16, "grad_accum": 1, "max_doc_length": 128,
                  "max_query_length": 32}
+# The options that start processes; everything else is passed on to each process unchanged.
+LAUNCH_OPTIONS = {"nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port"}
+DISTRIBUTED = "Distributed (torchrun)"
 
 
 def train(
@@ -77,17 +85,41 @@ def train(
     patience: Optional[int] = typer.Option(None, "--patience", min=1, help="Stop after N evaluations without improvement."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, rich_help_panel=DISTRIBUTED, help="Start N training processes on this machine through torch.distributed.run, one per GPU (nccl) or N CPU processes (gloo). --batch-size stays per process."),
+    nnodes: Optional[int] = typer.Option(None, "--nnodes", min=1, rich_help_panel=DISTRIBUTED, help="Machines taking part (default 1); run the same command on each, with its own --node-rank."),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", min=0, rich_help_panel=DISTRIBUTED, help="This machine's number, 0 to nnodes-1 (default 0); rank 0's machine writes the outputs."),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", rich_help_panel=DISTRIBUTED, help="Address of the --node-rank 0 machine, reachable by all (needed with --nnodes > 1)."),
+    master_port: Optional[int] = typer.Option(None, "--master-port", min=1, max=65535, rich_help_panel=DISTRIBUTED, help="Free TCP port on that machine (default: any free port on one machine, 29500 on several)."),
+    cross_device_negatives: bool = typer.Option(True, "--cross-device-negatives/--no-cross-device-negatives", rich_help_panel=DISTRIBUTED, help="Score each query against the documents of every process, not only its own (the contrastive loss sees the global batch)."),
 ) -> None:
     """Train a SPLADE model with the resolved hardware profile; prints the settings and why they were chosen.
 
     Every training is a run: a directory under the runs root (./runs, or --runs-root) holding run.json (status,
     timing, metrics), config.toml, env.json, metrics.jsonl, checkpoints and the final model. See `spladectl runs`.
+    A distributed training is one run, written by rank 0.
     """
     params = {key: value for key, value in locals().items() if key != "ctx"}
+    if any(params[key] is not None for key in LAUNCH_OPTIONS):
+        # First, before anything is planned or written: the processes started here each plan their part of the run.
+        from spladectl.launch import LaunchOptions, command_line, launch
+
+        if nproc_per_node is None:
+            raise SpladectlError("--nnodes, --node-rank, --master-addr and --master-port go with --nproc-per-node",
+                                 hint="add --nproc-per-node N: the number of processes (GPUs) on this machine")
+        launch(LaunchOptions(nproc_per_node, nnodes or 1, node_rank or 0, master_addr, master_port),
+               command_line(ctx, skip=LAUNCH_OPTIONS))
+        return
+
+    from spladectl import distributed
+
+    world = distributed.World.from_env()
     given = options.explicit(ctx)
-    run_training(params, given=given,
-                 command_line=options.command_line(ctx.command, {k: params[k] for k in params if k in given
-                                                                  and k not in options.NOT_RECORDED}))
+    line = options.command_line(ctx.command, {k: params[k] for k in params if k in given
+                                              and k not in options.NOT_RECORDED})
+    if os.environ.get(distributed.LAUNCH_ARGS_ENV):  # started by `train --nproc-per-node`: record how
+        line += " " + os.environ[distributed.LAUNCH_ARGS_ENV]
+    with distributed.reporting_failures(world):
+        run_training(params, given=given, command_line=line, world=world)
 
 
 @dataclass
@@ -107,42 +139,60 @@ FROM_RUN_OPTIONS = {"from_run", "runs_root", "output_dir", "name", "tag", "track
 
 
 def run_training(params: dict[str, Any], *, given: set[str], command_line: str | None = None,
-                 target: RunTarget | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 target: RunTarget | None = None, log: Callable[[str], None] | None = None,
+                 world=None) -> dict[str, Any]:
     """One training as a run: plan its directory, keep run.json true whatever happens, report at the end.
 
     `params` are the train command's parameters by name (what click parsed), `given` the names set explicitly.
-    Sweeps call this for each point with `target`. Returns the summary `--json` prints.
+    Sweeps call this for each point with `target`. `world` is this process's place in a distributed training
+    (default: a single process); only rank 0 plans, writes and reports the run. Returns the summary `--json` prints.
     """
+    from spladectl import distributed
     from spladectl import plugins as plugin_registry
     from spladectl.hardware import detect
     from spladectl.runs.lifecycle import ActiveRun
     from spladectl.runs.tracking import parse_track
 
+    world = world or distributed.World()
     as_json = params["as_json"]
-    if log is None:
+    if not world.is_main:
+        log = _silent
+    elif log is None:
         log = (lambda msg: typer.echo(msg, err=True)) if as_json else typer.echo
     root = Path(params["runs_root"])
+    # Every rank reads these (a re-launched run's configuration, the trackers asked for): each builds the same
+    # configuration on its own, as it resolves the profile on its own device.
     source = _from_run_source(params, given, root)
     tracks = parse_track(params["track"]) if params["track"] else None
-    record, checkpoint = _plan(params, root, target, source)
-    if not record.resumes:  # a resumed run keeps the command that started it
-        record.command = command_line
-        record.options = dict(target.settings) if target is not None else options.recorded(params, given)
-    record.tags = list(dict.fromkeys([*record.tags, *params["tag"]]))
-    record.runs_root = str(root.resolve())
-    if source is not None:
-        record.from_run = source.id
+    record = checkpoint = None
+    if world.is_main:
+        record, checkpoint = _plan(params, root, target, source)
+        if not record.resumes:  # a resumed run keeps the command that started it
+            record.command = command_line
+            record.options = dict(target.settings) if target is not None else options.recorded(params, given)
+        record.tags = list(dict.fromkeys([*record.tags, *params["tag"]]))
+        record.runs_root = str(root.resolve())
+        record.world_size = world.world_size
+        if source is not None:
+            record.from_run = source.id
 
     facts = detect()
     pm = plugin_registry.load_plugins()
     before = {name for name, _ in pm.list_name_plugin()}
+    train = dict(pm=pm, facts=facts, source=source, tracks=tracks, log=log, world=world)
     try:
+        if not world.is_main:  # no run of its own: it learns rank 0's directory in _train
+            return _train(params, None, checkpoint=None, **train)
         git_paths = {"experiment": str(target.experiment) if target is not None and target.experiment else None,
                      "profile": params["profile"] if params["profile"] and Path(params["profile"]).is_file() else None}
-        with ActiveRun(record, pm=pm, facts=facts, log=log, git_paths=git_paths) as run:
-            log(f"run {record.id} in {_shown(record.path)}")
-            result = _train(params, run, pm=pm, facts=facts, source=source, tracks=tracks, checkpoint=checkpoint,
-                            log=log)
+        with distributed.SigtermAsException(world.distributed) as sigterm:
+            with ActiveRun(record, pm=pm, facts=facts, log=log, git_paths=git_paths,
+                           explain=_peer_explanation(world) if world.distributed else None) as run:
+                log(f"run {record.id} in {_shown(record.path)}")
+                try:
+                    result = _train(params, run, checkpoint=checkpoint, **train)
+                finally:
+                    sigterm.hold()  # how the run ended is recorded next; a second SIGTERM must not cut that short
     finally:
         # --plugin is for this run only: the next run in this process (a sweep's next point) must not inherit it.
         for name, plugin in list(pm.list_name_plugin()):
@@ -152,6 +202,30 @@ def run_training(params: dict[str, Any], *, given: set[str], command_line: str |
     result.update(run=record.id, run_dir=record.dir, warnings=record.warnings)
     _report(result, log, as_json)
     return result
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the run."""
+
+
+def _peer_explanation(world):
+    """For rank 0's ActiveRun: when another rank failed first (rank 0 then only sees a broken collective, or the
+    SIGTERM torchrun sends after the failure), run.json records that rank's error instead."""
+    from spladectl import distributed
+
+    def explain(exc: BaseException) -> tuple[str, str] | None:
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C reached every process, rank 0 too
+            return None
+        peer = distributed.peer_failure(world)
+        if peer is not None:
+            if peer.get("interrupted"):
+                return "interrupted", f"interrupted (rank {peer['rank']})"
+            return "failed", f"rank {peer['rank']}: {peer['message']}"
+        if isinstance(exc, distributed.Terminated):  # no failure posted: a scheduler, or a rank killed outright
+            return "interrupted", f"{exc} (rank {world.rank})"
+        return None
+
+    return explain
 
 
 def _shown(path: Path) -> str:
@@ -228,7 +302,9 @@ def _checkpoint_path(spec: str, run_dir: Path, root: Path) -> Path:
     return find_checkpoint(spec, run_dir)
 
 
-def _train(params: dict[str, Any], run, *, pm, facts, source, tracks, checkpoint, log) -> dict[str, Any]:
+def _train(params: dict[str, Any], run, *, pm, facts, source, tracks, checkpoint, log, world) -> dict[str, Any]:
+    """This process's part of the training. `run` is the ActiveRun on rank 0, None on the other ranks."""
+    from spladectl import distributed
     from spladectl import plugins as plugin_registry
 
     p = params
@@ -244,8 +320,9 @@ def _train(params: dict[str, Any], run, *, pm, facts, source, tracks, checkpoint
                     f"{config.grad_accum}, seed {config.seed}"]
     else:
         config, demo, settings = _new_config(p, facts, tracks or [])
-    config.output_dir = str(run.path)
-    run.attach_config(config)
+    if run is not None:
+        config.output_dir = str(run.path)
+        run.attach_config(config)
 
     from spladectl.data import load_training_data
 
@@ -255,28 +332,39 @@ def _train(params: dict[str, Any], run, *, pm, facts, source, tracks, checkpoint
     log("spladectl train: " + ("the built-in demo (splade-tiny, offline)" if demo else f"{config.model} on {config.data}"))
     for line in settings:
         log(f"  {line}")
-    log(f"  examples {len(examples)}, effective batch {config.effective_batch_size}, epochs {config.epochs}"
+    log(f"  examples {len(examples)}, {effective_batch_text(config)}, epochs {config.epochs}"
         + (f", max steps {config.max_steps}" if config.max_steps else ""))
 
     from spladectl.engine import Trainer
 
+    resume_from = None
+    if run is not None and checkpoint:
+        resume_from = str(_checkpoint_path(checkpoint, run.path, Path(p["runs_root"])).resolve())
+    distributed.start(world, config.device)
+    # Rank 0 chose the run directory and the checkpoint; the others write nothing there but read the checkpoint.
+    run_dir, resume_from = distributed.broadcast_object((config.output_dir, resume_from) if run is not None else None)
+    config.output_dir = run_dir
     with plugin_registry.naming_plugin_errors(pm):
         trainer = Trainer(config, examples, pm=pm, log=log, eval_fn=eval_fn if config.eval_every else None,
-                          progress=p["progress"])
-    run.attach_trainer(trainer)
+                          progress=p["progress"], world=world)
+    if run is not None:
+        run.attach_trainer(trainer)
     if p["mlflow_uri"]:
         trainer.state.extras["mlflow_uri"] = p["mlflow_uri"]
     before = None
-    if heldout is not None:
+    if heldout is not None and world.is_main:  # the others go on to their first step and wait for rank 0 there
         log("held-out quality before training …")
         before = eval_fn(trainer.state.model)
-    if checkpoint:
+    if resume_from:
         with plugin_registry.naming_plugin_errors(pm):
-            trainer.resume(_checkpoint_path(checkpoint, run.path, Path(p["runs_root"])))
+            trainer.resume(Path(resume_from))
 
     started = time.perf_counter()
     with plugin_registry.naming_plugin_errors(pm):
         result = trainer.fit()
+    distributed.stop()
+    if run is None:
+        return result
     result["train_seconds"] = round(time.perf_counter() - started, 2)
     result["examples_per_s"] = trainer.state.examples_seen / max(result["train_seconds"], 1e-9)
     result["precision"] = config.precision
@@ -306,15 +394,14 @@ def _new_config(p: dict[str, Any], facts, tracks: list[str]) -> tuple[TrainConfi
     for spec in p["plugin"]:
         plugin_registry.add_plugin(spec)
 
-    hardware = {k: v for k, v in resolved.values.items() if k != "world_size"}
     config = TrainConfig(
-        model=p["model"], data=p["data"], data_split=p["split"], profile=resolved.name, **hardware,
+        model=p["model"], data=p["data"], data_split=p["split"], profile=resolved.name, **resolved.values,
         epochs=p["epochs"] or (DEMO_DEFAULTS["epochs"] if demo else 1), max_steps=p["max_steps"],
         lr=p["lr"] if p["lr"] is not None else (DEMO_DEFAULTS["lr"] if demo else TrainConfig.lr),
         seed=p["seed"], save_every=p["save_every"], keep_last=p["keep_last"], plugins=list(p["plugin"]),
         memory_tracking=p["memory_tracking"], track=tracks, eval_data=p["eval_data"], eval_split=p["eval_split"],
         eval_every=p["eval_every"], eval_metric=p["eval_metric"], early_stopping_patience=p["patience"],
-        in_batch_negatives=p["in_batch_negatives"],
+        in_batch_negatives=p["in_batch_negatives"], cross_device_negatives=p["cross_device_negatives"],
     )
     n_negatives = p["n_negatives"]
     if demo and n_negatives is None:
@@ -330,9 +417,16 @@ def _new_config(p: dict[str, Any], facts, tracks: list[str]) -> tuple[TrainConfi
     return config, demo, settings_lines(resolved)
 
 
+def effective_batch_text(config: TrainConfig) -> str:
+    """`effective batch 32 (8 per device x 2 accumulation x 2 processes)`: what one optimizer step sees."""
+    processes = f"{config.world_size} process" + ("es" if config.world_size > 1 else "")
+    return (f"effective batch {config.effective_batch_size} ({config.batch_size} per device x {config.grad_accum} "
+            f"accumulation x {processes})")
+
+
 def settings_lines(resolved) -> list[str]:
     """The resolved settings as a few lines, with where each came from and why the hardware changed any."""
-    shown = ("device", "precision", "batch_size", "grad_accum", "max_query_length", "max_doc_length",
+    shown = ("device", "precision", "batch_size", "grad_accum", "world_size", "max_query_length", "max_doc_length",
              "gradient_checkpointing", "dataloader_workers")
     lines = [f"profile {resolved.name} ({resolved.sources.get('name', 'named')})"]
     lines += [f"{key:<22} {getattr(resolved, key)!s:<12} {resolved.sources.get(key, '')}" for key in shown]

@@ -4,6 +4,9 @@
 The peaks come from a light sampler thread started and stopped around the step by an `optimizer_step` wrapper:
 process RSS (psutil, plus ru_maxrss), the CUDA allocator's peaks and the GPU's used memory through NVML on cuda,
 and MPS allocated memory on mps. See spladectl/memory.py.
+
+In a distributed run every process measures its own (its RSS, its GPU) and rank 0 collects them after each step:
+`mem_*_gb` is then the highest of the ranks, `mem_*_gb_by_rank` lists each rank's, and the summary names the rank.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ class MemoryTracker:
     def _reset(self) -> None:
         self.sampler: memory.StepSampler | None = None
         self.notes: list[str] = []
-        self.peaks: dict[str, tuple[float, int]] = {}  # metric -> (GiB, step) of the run's highest step peak
+        self.peaks: dict[str, tuple[float, int, int]] = {}  # metric -> (GiB, step, rank) of the run's highest peak
+        self.rank_peaks: dict[str, list[float | None]] = {}  # metric -> each rank's highest peak (distributed runs)
 
     def _start_run(self, state) -> None:
         self._close()
@@ -65,11 +69,20 @@ class MemoryTracker:
         finally:
             peaks = self.sampler.stop()
         if metrics is not None:
-            for key, value in peaks.items():
-                gb = round(memory.gib(value), 4)  # the summary shows exactly what metrics.jsonl holds
+            # Rounded once, here: the summary shows exactly what metrics.jsonl holds.
+            mine = {key: round(memory.gib(value), 4) for key, value in peaks.items()}
+            by_rank = state.all_gather_object(mine) if getattr(state, "world_size", 1) > 1 else [mine]
+            for key in sorted({key for ranks in by_rank for key in ranks}):
+                values = [ranks.get(key) for ranks in by_rank]
+                gb, rank = max((v, r) for r, v in enumerate(values) if v is not None)
                 metrics[f"{key}_gb"] = gb
+                if len(by_rank) > 1:
+                    metrics[f"{key}_gb_by_rank"] = values
+                    highest = self.rank_peaks.setdefault(key, [None] * len(values))
+                    self.rank_peaks[key] = [v if h is None or (v is not None and v > h) else h
+                                            for v, h in zip(values, highest)]
                 if key not in self.peaks or gb > self.peaks[key][0]:
-                    self.peaks[key] = (gb, state.step)
+                    self.peaks[key] = (gb, state.step, rank)
         return metrics
 
     @hookimpl
@@ -84,9 +97,14 @@ class MemoryTracker:
     def summary_rows(self, state):
         if not state.config.memory_tracking or not self.peaks:
             return None
-        rows = [(LABELS.get(key, key), f"{value:.3f} GiB (step {step})")
-                for key, (value, step) in sorted(self.peaks.items(), key=lambda kv: list(LABELS).index(kv[0])
-                                                 if kv[0] in LABELS else len(LABELS))]
+        rows = []
+        for key, (value, step, rank) in sorted(self.peaks.items(), key=lambda kv: list(LABELS).index(kv[0])
+                                               if kv[0] in LABELS else len(LABELS)):
+            if key in self.rank_peaks:
+                ranks = ", ".join("-" if v is None else f"{v:.3f}" for v in self.rank_peaks[key])
+                rows.append((LABELS.get(key, key), f"{value:.3f} GiB (step {step}, rank {rank}); by rank {ranks}"))
+            else:
+                rows.append((LABELS.get(key, key), f"{value:.3f} GiB (step {step})"))
         rows += [("memory note", note) for note in self.notes]
         if self.sampler is not None:
             rows += [("memory probe failed", error) for error in self.sampler.errors]

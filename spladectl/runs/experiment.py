@@ -32,12 +32,18 @@ from spladectl.runs.options import option_names, text
 from spladectl.runs.store import slug
 
 TOP_LEVEL = ("name", "description", "metric", "base", "grid", "points")
-# Each point's run chooses these itself (its directory, no resume, no terminal chatter).
+# A sweep trains its points one after another in its own process: a point cannot start processes of its own.
+_NOT_DISTRIBUTED = ("a sweep trains its points one after another in its own single process; train a distributed point "
+                    "with `spladectl train --nproc-per-node N` and the point's options (`spladectl sweep --dry-run` "
+                    "prints them)")
+# Each point's run chooses these itself (its directory, no resume, no terminal chatter, one process).
 NOT_IN_POINTS = {"output_dir": "each point gets RUNS_ROOT/<sweep>/<point>",
                  "runs_root": "pass --runs-root to `spladectl sweep`",
                  "resume": "use `spladectl sweep --resume`", "from_run": "name the settings instead",
                  "name": "points are named after their settings ([[points]] may set `name`)",
-                 "as_json": "pass --json to `spladectl sweep`", "progress": "pass --no-progress to `spladectl sweep`"}
+                 "as_json": "pass --json to `spladectl sweep`", "progress": "pass --no-progress to `spladectl sweep`",
+                 **dict.fromkeys(("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port"),
+                                 _NOT_DISTRIBUTED)}
 MAX_NAME = 100
 
 

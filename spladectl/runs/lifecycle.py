@@ -5,6 +5,9 @@ or interrupted, with the summary of what the run wrote.
         run.attach_config(config)      # config.toml, profile/precision/device, git state of the data
         run.attach_trainer(trainer)    # plugins see the record as state.extras["run"]; on_run_end will be called
         ...
+
+In a distributed run only rank 0 has an ActiveRun; `explain` lets it record the failure of another rank that stopped
+it (its own exception then is only a broken collective or torchrun's SIGTERM).
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from spladectl.runs.summary import summarize
 
 class ActiveRun:
     def __init__(self, record: RunRecord, *, pm=None, facts=None, log: Callable[[str], None] = print,
-                 git_paths: dict[str, str | None] | None = None):
+                 git_paths: dict[str, str | None] | None = None,
+                 explain: Callable[[BaseException], tuple[str, str] | None] | None = None):
         self.record = record
+        self.explain = explain  # exception -> (status, error) when the exception is not the cause itself
         self.git_paths = git_paths or {}  # files the run depends on besides the data: an experiment, a profile
         self.pm = pm
         self.facts = facts
@@ -75,8 +80,11 @@ class ActiveRun:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         record = self.record
+        explained = self.explain(exc) if exc is not None and self.explain is not None else None
         if exc is None:
             record.status = "finished"
+        elif explained is not None:
+            record.status, record.error = explained
         elif isinstance(exc, KeyboardInterrupt):
             record.status, record.error = "interrupted", "interrupted (Ctrl-C)"
         else:

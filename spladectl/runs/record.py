@@ -48,6 +48,7 @@ class RunRecord:
     profile: str | None = None
     precision: str | None = None
     device: str | None = None
+    world_size: int = 1  # training processes (torchrun); rank 0 alone writes the run directory
     steps: int = 0
     examples_seen: int = 0
     train_seconds: float | None = None
