@@ -383,6 +383,9 @@ class Trainer:
             raise
         finally:
             bar.close()
+            # Shut the DataLoader's workers down now: a worker forked later (another Trainer in this process)
+            # would inherit this iterator and fail noisily when it is garbage-collected there.
+            self._batches = None
             if metrics_file is not None:
                 metrics_file.close()
             self.pm.hook.on_train_end(state=s, status=status)
