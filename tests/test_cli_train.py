@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -82,3 +83,5 @@ def test_demo_prints_held_out_quality_before_and_after(cli, tmp_path):
     before, after = summary["heldout_before"], summary["heldout_after"]
     assert 0.3 < before["nDCG@10"] <= 1.0 and 0.3 < after["nDCG@10"] <= 1.0
     assert "held-out quality before training" in result.stderr
+    # The demo's own settings are labelled as such, not as flags the user typed.
+    assert re.search(r"batch_size\s+16\s+demo default", result.stderr), result.stderr

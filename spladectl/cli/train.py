@@ -387,10 +387,14 @@ def _new_config(p: dict[str, Any], facts, tracks: list[str]) -> tuple[TrainConfi
     demo = p["data"] is None
     flags = {k: p[k] for k in ("batch_size", "grad_accum", "precision", "device", "force_device",
                                "max_query_length", "max_doc_length") if p[k] is not None}
-    if demo:
-        for key in ("batch_size", "grad_accum", "max_query_length", "max_doc_length"):
-            flags.setdefault(key, DEMO_DEFAULTS[key])
+    demo_keys = [k for k in ("batch_size", "grad_accum", "max_query_length", "max_doc_length")
+                 if demo and k not in flags]
+    for key in demo_keys:
+        flags[key] = DEMO_DEFAULTS[key]  # resolved like flags (they beat the profile), but not typed by the user
     resolved = resolve_for_machine(p["profile"], flags=flags, env=os.environ, facts=facts)
+    for key in demo_keys:
+        if resolved.sources[key].startswith("flag"):
+            resolved.sources[key] = "demo default"
     for spec in p["plugin"]:
         plugin_registry.add_plugin(spec)
 
