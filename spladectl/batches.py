@@ -53,7 +53,7 @@ class MicroBatch:
 
 
 def pad_multiple(max_length: int) -> int | None:
-    """The padded length's granularity (see Collator.__call__): 32, or less when max_length is not a multiple of 32,
+    """The padded length's granularity (see Collator._tokenize): 32, or less when max_length is not a multiple of 32,
     because the tokenizer refuses a truncation length that is not a multiple of it."""
     return next((m for m in (32, 16, 8) if max_length % m == 0), None)
 
@@ -80,6 +80,8 @@ class Collator:
         return random.Random(f"{self.seed}:{self.epoch}:{index}").sample(range(available), self.n_negatives)
 
     def _tokenize(self, texts: list[str], max_length: int):
+        # Lengths rounded up to a multiple of 32 give the encoder's matmuls a handful of shapes per run: oneDNN keeps
+        # a compiled kernel (≈1.5 MB) per shape it sees, so exact lengths made bf16 RSS creep up step after step.
         return self.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
                               pad_to_multiple_of=pad_multiple(max_length), return_tensors="pt")
 
@@ -88,8 +90,6 @@ class Collator:
         picks = [self.negative_positions(i, len(e.negatives)) for i, e in indexed]
         queries = [e.query for e in examples]
         docs = [text for e, p in zip(examples, picks) for text in [e.positive, *(e.negatives[j] for j in p)]]
-        # Lengths rounded up to a multiple of 32 give the encoder's matmuls a handful of shapes per run: oneDNN keeps
-        # a compiled kernel (≈1.5 MB) per shape it sees, so exact lengths made bf16 RSS creep up step after step.
         q = self._tokenize(queries, self.max_query_length)
         d = self._tokenize(docs, self.max_doc_length)
         teacher = None

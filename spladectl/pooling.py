@@ -179,7 +179,8 @@ def _argmax_tokens(hidden, weight, positions, lengths, pair_example, pair_term, 
     """Flat token position (b * T + t) of the max for each active (example, term) pair, recomputed in `dtype`.
 
     Recomputing from the forward's operands (rounded to `dtype`) picks the same token as the forward up to exact ties
-    (measure zero in fp32; in bf16 any tied token is an equally valid subgradient). Pairs are sorted by example, as nonzero() returns them.
+    (measure zero in fp32; in bf16 any tied token is an equally valid subgradient). Pairs are sorted by example, as
+    nonzero() returns them.
     """
     B, T, H = hidden.shape
     hidden_flat = hidden.reshape(B * T, H)

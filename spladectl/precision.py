@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from spladectl.errors import SpladectlError
 
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
@@ -31,6 +33,7 @@ def autocast_dtype(precision: str):
     return {"32-true": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}[precision]
 
 
+@functools.cache
 def has_native_matmul(device_type: str, dtype) -> bool:
     """Whether this device multiplies `dtype` matrices in hardware. Only CPUs lack it: PyTorch then falls back to a
     scalar kernel for bf16/fp16 GEMMs (measured 60× slower than fp32 on an AVX2-only EPYC)."""
@@ -59,9 +62,10 @@ def low_precision_matmuls(device_type: str, dtype):
     forced = os.environ.get("SPLADECTL_EMULATE_LOW_PRECISION", "").strip()
     if dtype is None or forced == "0" or (forced != "1" and has_native_matmul(device_type, dtype)):
         return nullcontext()
-    return _Float32Matmuls(dtype)
+    return _float32_matmul_mode()(dtype)
 
 
+@functools.cache  # one class, built on first use, so that importing this module stays torch-free
 def _float32_matmul_mode():
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -82,7 +86,3 @@ def _float32_matmul_mode():
             return func(*args, **kwargs)
 
     return Float32Matmuls
-
-
-def _Float32Matmuls(dtype):  # noqa: N802 - builds the mode class lazily so importing this module stays torch-free
-    return _float32_matmul_mode()(dtype)

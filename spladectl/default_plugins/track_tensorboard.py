@@ -41,16 +41,16 @@ class TensorBoardTracker:
 
     @hookimpl(trylast=True)  # after the plugins that add keys to the metrics
     def on_step_end(self, state, metrics):
-        if self.writer is None:
-            return
-        self._guard(state, lambda: [self.writer.add_scalar(f"train/{key}", value, state.step)
-                                    for key, value in metrics.items() if _is_number(key, value)])
+        self._scalars(state, "train", metrics)
 
     @hookimpl
     def on_evaluate(self, state, metrics):
+        self._scalars(state, "eval", metrics)
+
+    def _scalars(self, state, group: str, metrics) -> None:
         if self.writer is None:
             return
-        self._guard(state, lambda: [self.writer.add_scalar(f"eval/{key}", value, state.step)
+        self._guard(state, lambda: [self.writer.add_scalar(f"{group}/{key}", value, state.step)
                                     for key, value in metrics.items() if _is_number(key, value)])
 
     @hookimpl
