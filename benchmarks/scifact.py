@@ -17,6 +17,7 @@ nothing is copied into the repository: the carved dev split and the runs live un
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -33,10 +34,11 @@ COMMON = dict(model="splade-tiny", batch_size=16, grad_accum=1, n_negatives=1, m
               max_doc_length=256, warmup_ratio=0.1, scheduler="linear", seed=42, dataloader_workers=1, epochs=2)
 
 
-# What `tune` tries by default; the first is the shipped default recipe for SciFact-sized data.
+# What `tune` tries by default; the first is the setting the final SciFact run used (docs/benchmarks.md).
 DEFAULT_VARIANTS = ["lr=1e-4,n_negatives=4,lambda_scale=0", "lr=1e-4", "lr=5e-5"]
 
 
+@functools.cache  # the machine does not change; detect() reads /proc and probes torch, once is enough
 def fast_precision() -> str:
     """bf16-mixed where this machine has native bf16, else 32-true: what tuning and every evaluation run in."""
     from spladectl.hardware import detect
