@@ -5,12 +5,16 @@ checkpoint is just (epoch, micro-batches consumed) and resuming needs no replay 
 With several processes, every process draws the same permutation and cuts it into global micro-batches of
 batch_size × world_size examples; each process takes its own contiguous share of each, so the processes together see
 exactly the micro-batches one process with the global batch size would see, in the same order.
-Tokenization runs in DataLoader workers when the profile asks for them, off the training step's critical path.
+Tokenization stays off the training step's critical path: in DataLoader workers when the profile asks for them, else
+in a background thread of the training process that keeps the next micro-batches ready (see Prefetcher).
 """
 
 from __future__ import annotations
 
+import copy
+import queue
 import random
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +70,9 @@ class Collator:
     """
 
     def __init__(self, tokenizer, *, n_negatives: int, max_query_length: int, max_doc_length: int, seed: int = 0):
-        self.tokenizer = tokenizer
+        # A copy of its own: the prefetch thread tokenizes while the main thread may encode with the model's tokenizer
+        # (evaluation during training), and a Rust tokenizer used from two threads at once raises "Already borrowed".
+        self.tokenizer = copy.deepcopy(tokenizer)
         self.n_negatives = n_negatives
         self.max_query_length = max_query_length
         self.max_doc_length = max_doc_length
@@ -96,7 +102,8 @@ class Collator:
         if all(e.teacher_scores is not None for e in examples):
             teacher = torch.tensor([[e.teacher_scores[0], *(e.teacher_scores[1 + j] for j in p)]
                                     for e, p in zip(examples, picks)], dtype=torch.float32)
-        return MicroBatch(q["input_ids"], q["attention_mask"], d["input_ids"], d["attention_mask"], teacher, len(examples))
+        return MicroBatch(q["input_ids"], q["attention_mask"], d["input_ids"], d["attention_mask"], teacher,
+                          len(examples))
 
 
 class _Indexed(Dataset):
@@ -140,11 +147,69 @@ def rank_order(n_examples: int, batch_size: int, seed: int, epoch: int, *, world
     return shards
 
 
+class Prefetcher:
+    """Runs an iterator in a daemon thread, up to `depth` items ahead of its consumer.
+
+    Without DataLoader workers the next micro-batch is tokenized here while the step computes: the Rust tokenizer
+    releases the GIL while it encodes, and a thread costs neither a process's memory nor a worker's start-up.
+    An exception in the thread is raised to the consumer at the item where it happened; close() stops the thread.
+    """
+
+    _END = object()
+
+    def __init__(self, iterable, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._run, args=(iterable,), name="spladectl-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, iterable) -> None:
+        try:
+            for item in iterable:
+                if not self._put((item, None)):
+                    return
+            self._put((self._END, None))
+        except BaseException as exc:  # handed to the consumer, who decides what is fatal
+            self._put((None, exc))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        item, error = self._queue.get()
+        if error is not None:
+            self._done = True
+            raise error
+        if item is self._END:
+            self._done = True
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._done = True
+        self._thread.join(timeout=5)
+
+
 def micro_batches(
     examples: list[Example], collator: Collator, *, batch_size: int, seed: int, epoch: int, start: int = 0,
-    workers: int = 0, world_size: int = 1, rank: int = 0,
+    workers: int = 0, world_size: int = 1, rank: int = 0, prefetch: bool = True,
 ):
-    """Iterate this process's micro-batches of the epoch from position `start` (micro-batches already consumed)."""
+    """Iterate this process's micro-batches of the epoch from position `start` (micro-batches already consumed).
+
+    With workers=0 and prefetch, a Prefetcher thread tokenizes ahead; call close() on the result when abandoning it."""
     order = rank_order(len(examples), batch_size, seed, epoch, world_size=world_size, rank=rank)[start:]
     collator.epoch = epoch
     # Its own generator: creating a DataLoader iterator draws a seed, and drawing it from the global RNG would shift
@@ -154,7 +219,9 @@ def micro_batches(
         persistent_workers=False, prefetch_factor=4 if workers else None,
         generator=torch.Generator().manual_seed(seed + epoch),
     )
-    yield from loader
+    if workers == 0 and prefetch:
+        return Prefetcher(loader)
+    return iter(loader)
 
 
 def micro_batches_per_epoch(n_examples: int, batch_size: int) -> int:

@@ -97,7 +97,7 @@ def unsupported_reason(precision: str, device: torch.device, facts: Any = None) 
 
     bf16 needs native support: a CUDA GPU of compute capability 8.0+, an Apple chip from M2 on, or a CPU with
     AVX512-BF16/AMX (elsewhere it is emulated and slower than float32: not a number anyone should train with).
-    fp16 autocast must be available for the device type.
+    fp16 autocast must be available for the device type, and on a CPU a native fp16 matmul, for the same reason.
     """
     dtype = autocast_dtype(precision)
     if dtype is None:
@@ -120,6 +120,11 @@ def unsupported_reason(precision: str, device: torch.device, facts: Any = None) 
                 return ("this CPU has no native bf16 (AVX512-BF16 or AMX): emulated, bf16 cannot beat float32 here"
                         if kind == "cpu" else "this Apple chip has no bf16 (M2 and newer)")
     if dtype == torch.float16 and kind == "cpu":
+        from spladectl import precision as precision_module
+
+        if not precision_module.has_native_matmul("cpu", torch.float16):
+            return ("this CPU has no native fp16 matmul (AVX512-FP16 or AMX-FP16): emulated, fp16 cannot beat "
+                    "float32 here")
         try:
             with torch.autocast("cpu", dtype=torch.float16):
                 probe = torch.ones(4, 4) @ torch.ones(4, 4)
@@ -365,10 +370,10 @@ def optimizer_description(optimizer: torch.optim.Optimizer) -> str:
 
 def tokenize_seconds(collator, examples, batch_size: int, seed: int, repeats: int = 3) -> float:
     """Median time to produce one tokenized micro-batch through the engine's data path in this process (what a step
-    pays when dataloader workers are 0)."""
+    costs in the prefetch thread when dataloader workers are 0, or a worker per batch)."""
     from spladectl.batches import micro_batches
 
-    batches = micro_batches(examples, collator, batch_size=batch_size, seed=seed, epoch=0, workers=0)
+    batches = micro_batches(examples, collator, batch_size=batch_size, seed=seed, epoch=0, workers=0, prefetch=False)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -453,7 +458,7 @@ def bench_precision(settings: BenchSettings, precision: str, examples, pm, log: 
         "step_flops": step_flops, "flops_source": flops_source, "achieved_flops_per_s": achieved,
         "matmul_peak_flops_per_s": peaks[precision], "matmul_share": round(achieved / peaks[precision], 4),
         "tokenize_s": round(tokenize, 4),
-        "tokenize_in_step": settings.dataloader_workers == 0,
+        "tokenize_in": "prefetch thread" if settings.dataloader_workers == 0 else "dataloader workers",
         "optimizer": optimizer, "gradient_checkpointing": settings.gradient_checkpointing,
         "memory_efficient_head": settings.memory_efficient_head, "model": settings.model,
         "max_query_length": settings.max_query_length, "max_doc_length": settings.max_doc_length,
@@ -804,7 +809,8 @@ def render_table(rows: list[dict[str, Any]], console) -> None:
                               f"{len(r['max_batch_probes'])} probes" + (" (none fitted)" if r["max_batch_size"] is None
                                                                         else ""))
         tok = first["tokenize_s"]
-        where = "inside the step (dataloader workers 0)" if first["tokenize_in_step"] else "in dataloader workers"
+        where = {"prefetch thread": "in a prefetch thread, overlapping the step (dataloader workers 0)"}.get(
+            first["tokenize_in"], "in dataloader workers")
         console.print(f"tokenizing one batch: {1e3 * tok:.1f} ms, {where}")
     for r in ok:
         if r.get("note"):

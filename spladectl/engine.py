@@ -218,15 +218,21 @@ class Trainer:
         s, c = self.state, self.config
         while True:
             if self._batches is None:
-                self._batches = iter(micro_batches(self.examples, self.collator, batch_size=c.batch_size,
-                                                   seed=c.seed, epoch=s.epoch, start=s.position,
-                                                   workers=c.dataloader_workers, world_size=self.world.world_size,
-                                                   rank=self.world.rank))
+                self._batches = micro_batches(self.examples, self.collator, batch_size=c.batch_size, seed=c.seed,
+                                              epoch=s.epoch, start=s.position, workers=c.dataloader_workers,
+                                              world_size=self.world.world_size, rank=self.world.rank)
             batch = next(self._batches, None)
             if batch is not None:
                 s.position += 1
                 return batch
-            s.epoch, s.position, self._batches = s.epoch + 1, 0, None
+            self._close_batches()
+            s.epoch, s.position = s.epoch + 1, 0
+
+    def _close_batches(self) -> None:
+        close = getattr(self._batches, "close", None)
+        if close is not None:
+            close()
+        self._batches = None
 
     def _step_micro_batches(self) -> list[MicroBatch]:
         # An epoch's last optimizer step may have fewer micro-batches; the loss is divided by how many it has.
@@ -383,9 +389,9 @@ class Trainer:
             raise
         finally:
             bar.close()
-            # Shut the DataLoader's workers down now: a worker forked later (another Trainer in this process)
-            # would inherit this iterator and fail noisily when it is garbage-collected there.
-            self._batches = None
+            # Shut the prefetch thread or the DataLoader's workers down now: a worker forked later (another Trainer
+            # in this process) would inherit this iterator and fail noisily when it is garbage-collected there.
+            self._close_batches()
             if metrics_file is not None:
                 metrics_file.close()
             self.pm.hook.on_train_end(state=s, status=status)

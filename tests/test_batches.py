@@ -4,6 +4,7 @@ shares of each process in a distributed run."""
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from spladectl.batches import Collator, epoch_order, micro_batches, rank_order
@@ -85,3 +86,44 @@ def test_split_keeps_every_example_with_its_documents(tokenizer):
     assert [p.size for p in pieces] == [3, 2]
     assert sum(p.doc_ids.shape[0] for p in pieces) == batch.doc_ids.shape[0]
     assert tokenizer.batch_decode(pieces[1].doc_ids, skip_special_tokens=True) == ["p3", "n3", "p4", "n4"]
+
+
+def test_prefetcher_yields_in_order_and_raises_a_collation_error_where_it_happened():
+    from spladectl.batches import Prefetcher
+
+    def items():
+        yield from (1, 2, 3)
+        raise ValueError("bad example at batch 4")
+
+    got = Prefetcher(items())
+    assert [next(got), next(got), next(got)] == [1, 2, 3]
+    with pytest.raises(ValueError, match="batch 4"):
+        next(got)
+    assert next(got, "end") == "end"  # after the error the iterator is finished, not stuck
+
+
+def test_prefetcher_close_stops_a_thread_blocked_on_a_full_queue():
+    import itertools
+
+    from spladectl.batches import Prefetcher
+
+    got = Prefetcher(itertools.count(), depth=2)
+    assert next(got) == 0
+    got.close()
+    assert not got._thread.is_alive()
+    assert next(got, "end") == "end"
+
+
+def test_without_workers_batches_are_tokenized_in_a_prefetch_thread_with_the_same_result(tokenizer):
+    from spladectl.batches import Prefetcher
+
+    examples = [Example(query=f"q{i}", positive=f"p{i}", negatives=[f"n{i}"]) for i in range(10)]
+    collator = Collator(tokenizer, n_negatives=1, max_query_length=8, max_doc_length=8, seed=1)
+    assert collator.tokenizer is not tokenizer  # the thread never shares the model's tokenizer (evaluation uses it)
+    threaded = micro_batches(examples, collator, batch_size=3, seed=1, epoch=0)
+    inline = micro_batches(examples, collator, batch_size=3, seed=1, epoch=0, prefetch=False)
+    assert isinstance(threaded, Prefetcher) and not isinstance(inline, Prefetcher)
+    pairs = list(zip(threaded, inline, strict=True))
+    assert len(pairs) == 4
+    for a, b in pairs:
+        assert torch.equal(a.query_ids, b.query_ids) and torch.equal(a.doc_ids, b.doc_ids)

@@ -180,3 +180,19 @@ def test_peers_summary_and_targets():
     assert met == {"spladectl bf16-mixed / 32-true examples/s": True, "spladectl / ST examples/s, bf16-mixed": True,
                    "spladectl / ST peak RSS, 32-true": True, "spladectl / ST peak RSS, bf16-mixed": False}
     assert "| spladectl | bf16-mixed | 16.00 | 2.29× |" in peers.markdown(rows, peers.parse(["--repeats", "2"]))
+
+
+def test_fp16_is_skipped_on_a_cpu_without_native_fp16_matmuls(monkeypatch):
+    # Both answers of the hardware probe, whatever this CPU has: the bench must not time an emulated fp16 step
+    # against a native-kernel peak (that printed "of peak 3326%" on an AVX2 CPU).
+    import torch
+
+    from spladectl import precision
+    from spladectl.bench import unsupported_reason
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "has_native_matmul", lambda device_type, dtype: False)
+    assert "no native fp16" in unsupported_reason("16-mixed", cpu)
+    assert unsupported_reason("32-true", cpu) is None
+    monkeypatch.setattr(precision, "has_native_matmul", lambda device_type, dtype: True)
+    assert unsupported_reason("16-mixed", cpu) is None
