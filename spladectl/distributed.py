@@ -23,7 +23,7 @@ import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, NoReturn
 
 import torch
 
@@ -147,6 +147,13 @@ def stop() -> None:
 
 # ------------------------------------------------------------------------------------------------ collectives
 
+def _group_size() -> int:
+    """Processes in the started process group; 1 when there is none (the collectives below are then identities)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def gather(tensor: torch.Tensor) -> torch.Tensor:
     """Every process's `tensor` concatenated along dim 0 in rank order; only this process's part keeps its gradient.
 
@@ -156,7 +163,7 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _group_size() == 1:
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.detach().contiguous())
@@ -168,7 +175,7 @@ def gather_objects(obj: Any) -> list[Any]:
     """`obj` from every process, in rank order (picklable objects); `[obj]` for one process."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _group_size() == 1:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -179,7 +186,7 @@ def broadcast_object(obj: Any) -> Any:
     """Rank 0's `obj` on every process (a decision only rank 0 can take, such as early stopping)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _group_size() == 1:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -357,6 +364,18 @@ def record_error_file(message: str, *, kind: str, hint: str | None = None, detai
         pass
 
 
+def _exit_stopped(world: World, peer: dict[str, Any] | None, launched: bool, *, message: str = "",
+                  code: int = 1) -> NoReturn:
+    """End a process that another rank's failure (`peer`, as posted) or a signal stopped: record why for the
+    launcher, say it here unless the launcher will, and exit with `code`."""
+    if peer is not None:
+        message = f"{STOPPED_BY_PEER} {peer['rank']} failed: {peer['message']}"
+    record_error_file(message, kind="stopped", exit_code=code)
+    if not launched:
+        print(f"rank {world.rank}: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code) from None
+
+
 @contextmanager
 def reporting_failures(world: World) -> Iterator[None]:
     """Around a distributed process's work: make a failure on this rank known to the others and to the launcher.
@@ -387,20 +406,13 @@ def reporting_failures(world: World) -> Iterator[None]:
     except Terminated as exc:
         # Rank 0, stopped by torchrun (after a peer's failure, named if the peer posted it) or by a scheduler.
         peer = peer_failure(world)
-        message = f"{STOPPED_BY_PEER} {peer['rank']} failed: {peer['message']}" if peer else str(exc)
-        code = 1 if peer else 128 + exc.signum
-        record_error_file(message, kind="stopped", exit_code=code)
-        if not launched:
-            print(f"rank {world.rank}: {message}", file=sys.stderr, flush=True)
-        raise SystemExit(code) from None
+        if peer is not None:
+            _exit_stopped(world, peer, launched)
+        _exit_stopped(world, None, launched, message=str(exc), code=128 + exc.signum)
     except Exception as exc:
         peer = peer_failure(world)
         if peer is not None:
-            message = f"{STOPPED_BY_PEER} {peer['rank']} failed: {peer['message']}"
-            record_error_file(message, kind="stopped")
-            if not launched:
-                print(f"rank {world.rank}: {message}", file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
+            _exit_stopped(world, peer, launched)
         if isinstance(exc, SpladectlError):
             _board.post(world.rank, exc.message)
             record_error_file(exc.message, kind="user", hint=exc.hint, exit_code=exc.exit_code)

@@ -50,23 +50,19 @@ class LaunchOptions:
         """torch.distributed.run's command line for `spladectl <command>` on every process."""
         args = ["--nnodes", str(self.nnodes), "--nproc-per-node", str(self.nproc_per_node),
                 "--node-rank", str(self.node_rank)]
-        if self.master_addr:
-            args += ["--master-addr", self.master_addr]
-        if self.master_port is not None:
-            # On one machine without a port, torchrun finds a free one itself.
-            args += ["--master-port", str(self.master_port)]
-        return args + ["-m", "spladectl", *command]
+        return args + self._master_args() + ["-m", "spladectl", *command]
 
     def train_args(self) -> list[str]:
         """These options as `spladectl train` spells them, defaults left out (for the run's recorded command)."""
         args = ["--nproc-per-node", str(self.nproc_per_node)]
         if self.nnodes > 1:
             args += ["--nnodes", str(self.nnodes), "--node-rank", str(self.node_rank)]
-        if self.master_addr:
-            args += ["--master-addr", self.master_addr]
-        if self.master_port is not None:
-            args += ["--master-port", str(self.master_port)]
-        return args
+        return args + self._master_args()
+
+    def _master_args(self) -> list[str]:
+        # Spelled alike by torchrun and `spladectl train`. On one machine without a port, torchrun finds a free one.
+        args = ["--master-addr", self.master_addr] if self.master_addr else []
+        return args + (["--master-port", str(self.master_port)] if self.master_port is not None else [])
 
 
 def launch(options: LaunchOptions, command: list[str]) -> None:

@@ -8,6 +8,8 @@ which the test says.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import re
@@ -351,6 +353,10 @@ def test_launch_options_become_torchrun_arguments():
     assert two.world_size == 16
     assert two.torchrun_args(["train"])[:10] == ["--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "1",
                                                  "--master-addr", "10.0.0.1", "--master-port", "29400"]
+    assert two.train_args() == ["--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "1",
+                                "--master-addr", "10.0.0.1", "--master-port", "29400"]
+    # the train options that start processes are exactly the launcher's
+    assert LAUNCH_OPTIONS == {field.name for field in dataclasses.fields(LaunchOptions)}
 
 
 @pytest.mark.parametrize("args, env, message", [

@@ -32,8 +32,7 @@ DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 # one negative left held-out nDCG@10 flat, 2e-4 with two negatives raised it by 0.03).
 DEMO_DEFAULTS = {"epochs": 2, "lr": 2e-4, "n_negatives": 2, "batch_size": 16, "grad_accum": 1, "max_doc_length": 128,
                  "max_query_length": 32}
-# The options that start processes; everything else is passed on to each process unchanged.
-LAUNCH_OPTIONS = {"nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port"}
+LAUNCH_OPTIONS = set(options.LAUNCH_OPTIONS)
 DISTRIBUTED = "Distributed (torchrun)"
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from spladectl.errors import SpladectlError
-from spladectl.runs.options import option_names, text
+from spladectl.runs.options import LAUNCH_OPTIONS, option_names, text
 from spladectl.runs.store import slug
 
 TOP_LEVEL = ("name", "description", "metric", "base", "grid", "points")
@@ -42,8 +42,7 @@ NOT_IN_POINTS = {"output_dir": "each point gets RUNS_ROOT/<sweep>/<point>",
                  "resume": "use `spladectl sweep --resume`", "from_run": "name the settings instead",
                  "name": "points are named after their settings ([[points]] may set `name`)",
                  "as_json": "pass --json to `spladectl sweep`", "progress": "pass --no-progress to `spladectl sweep`",
-                 **dict.fromkeys(("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port"),
-                                 _NOT_DISTRIBUTED)}
+                 **dict.fromkeys(LAUNCH_OPTIONS, _NOT_DISTRIBUTED)}
 MAX_NAME = 100
 
 
