@@ -52,11 +52,11 @@ def is_dev(query_id: str) -> bool:
     return int(hashlib.sha1(query_id.encode()).hexdigest(), 16) % 5 == 0
 
 
-def carve_dev(data: Path, work: Path) -> Path:
+def carve_dev(data: Path, work: Path, name: str = "scifact-dev") -> Path:
     """A BEIR dir with train (80% of the train queries) and dev (the other 20%) qrels; test is not copied."""
     from spladectl.data.beir import load_beir, write_beir
 
-    out = work / "scifact-dev"
+    out = work / name
     if (out / "qrels" / "dev.tsv").is_file():
         return out
     train = load_beir(data, "train")

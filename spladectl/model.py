@@ -159,6 +159,7 @@ class SpladeEncoder(nn.Module):
         self.memory_efficient_head = self.head_kind is not None
         metadata = dict(metadata or {})
         self.name: str | None = None  # what from_pretrained was given
+        self.source: str | None = None  # where from_pretrained found the weights
         self.base_model_name: str | None = metadata.get("base_model")
         self.max_query_length: int | None = metadata.get("max_query_length")
         self.max_doc_length: int | None = metadata.get("max_doc_length")
@@ -198,6 +199,7 @@ class SpladeEncoder(nn.Module):
             metadata=metadata,
         )
         encoder.name = name
+        encoder.source = str(path)  # the directory the weights came from (a hub name when they did not)
         if device is not None:
             encoder.to(device)
         return encoder

@@ -51,6 +51,21 @@ def test_eval_json_rows_with_bm25_and_run_file(cli, toy_beir: Path, tmp_path: Pa
     assert Path(f"{run_file}.bm25").exists()
 
 
+def test_eval_both_bm25_rows_match_the_library(cli, toy_beir: Path) -> None:
+    from spladectl.evaluate import bm25_baseline, load_beir
+
+    result = cli("eval", "--data", str(toy_beir), "--split", "test", "--baseline", "bm25:nostem,bm25:stem",
+                 "--json", "--precision", "32-true", "--no-progress")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [row["name"] for row in rows] == ["splade-tiny", "bm25:nostem", "bm25:stem"]
+    dataset = load_beir(toy_beir, "test")
+    for row, stem in zip(rows[1:], (False, True)):
+        reference = bm25_baseline(dataset, stem=stem)
+        assert row["bm25"] == reference["bm25"] and row["nDCG@10"] == pytest.approx(reference["nDCG@10"])
+    assert "stemmer=none" in rows[1]["bm25"] and "snowball" in rows[2]["bm25"]
+
+
 def test_eval_human_table_and_sparsity_knobs(cli, toy_beir: Path) -> None:
     result = cli("eval", "--data", str(toy_beir), "--top-k-terms", "8", "--max-doc-length", "32",
                  "--max-query-length", "16", "--batch-size", "5", "--no-progress", env={"COLUMNS": "200"})

@@ -34,19 +34,65 @@ def mine_command(
     cache_dir: Optional[Path] = typer.Option(
         None, "--cache-dir", help="Where to cache mined negatives (default: DATA/.spladectl-cache)."
     ),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="Rank with this SPLADE model instead of BM25 (splade-tiny, a run's final/ ...)."
+    ),
+    rank_by: Optional[list[str]] = typer.Option(
+        None, "--rank-by", help="Rank with a teacher ensemble instead: repeat NAME[=WEIGHT], NAME one of bm25, "
+        "bm25:stem, bm25:nostem or a SPLADE model; e.g. --rank-by bm25:stem=0.6 --rank-by splade-tiny=0.4.",
+    ),
+    skip_top: int = typer.Option(
+        0, "--skip-top", min=0, help="Skip the best N non-positive documents of each query (likely unjudged "
+        "positives, i.e. false negatives).",
+    ),
+    sample_from: Optional[int] = typer.Option(
+        None, "--sample-from", min=1, help="Draw the k negatives at random from the next N ranks (after --skip-top) "
+        "instead of taking the first k.",
+    ),
+    seed: int = typer.Option(42, "--seed", help="Seed of --sample-from's draw."),
+    max_positives: Optional[int] = typer.Option(
+        None, "--max-positives", min=1, help="At most N examples per query: its N most relevant positives (qrels "
+        "order among equals). Sets with dozens of positives per query otherwise repeat each query dozens of times.",
+    ),
+    max_doc_length: int = typer.Option(256, "--max-doc-length", min=1, help="Document tokens for a SPLADE ranker."),
+    max_query_length: int = typer.Option(64, "--max-query-length", min=1, help="Query tokens for a SPLADE ranker."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="SPLADE ranker: 32-true or bf16-mixed (default: bf16-mixed with native bf16)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ) -> None:
-    """BM25 hard negatives for every query of a split, never one of its positives, as training JSONL."""
-    from spladectl.data import bm25, load_beir
-    from spladectl.data.mining import cached_hard_negatives
+    """Hard negatives for every query of a split, never one of its positives, as training JSONL.
 
+    BM25 ranks by default (cached); --model or --rank-by rank with a SPLADE model or an ensemble, e.g. the zero-shot
+    model, or a run's own model for a second round of mining.
+    """
+    from spladectl.data import bm25, load_beir
+    from spladectl.data.mining import cached_hard_negatives, mine_with_teacher
+    from spladectl.data.teachers import describe, parse_members
+
+    if model and rank_by:
+        raise SpladectlError("--model and --rank-by: give one (--model M is --rank-by M)")
+    if sample_from is not None and sample_from < k:
+        raise SpladectlError(f"--sample-from {sample_from}: must be at least --k ({k})")
     started = time.perf_counter()
     dataset = load_beir(data, split)
-    negatives = cached_hard_negatives(data, split, k, cache_dir=cache_dir, stem=stem, show_progress=progress,
-                                      dataset=dataset)
+    members = parse_members([model] if model else rank_by or [], "--rank-by") if (model or rank_by) else None
+    if members is None and not skip_top and sample_from is None:
+        negatives = cached_hard_negatives(data, split, k, cache_dir=cache_dir, stem=stem, show_progress=progress,
+                                          dataset=dataset)
+        ranker = bm25.describe(stem)
+    else:
+        from spladectl.data.teachers import Member
+
+        members = members or [Member("bm25" if stem is None else "bm25:stem" if stem else "bm25:nostem")]
+        settings = _encode_settings(precision, max_query_length, max_doc_length, cache_dir, progress)
+        negatives = mine_with_teacher(dataset, members, k, skip_top=skip_top, sample_from=sample_from, seed=seed,
+                                      settings=settings)
+        ranker = describe(members) + (f", skip top {skip_top}" if skip_top else "") + \
+            (f", {k} sampled from the next {sample_from}" if sample_from else "")
     try:
-        rows = _write_mined(out, dataset, negatives, progress)
+        rows = _write_mined(out, dataset, negatives, progress, max_positives)
     except OSError as exc:
         raise SpladectlError(f"--out: cannot write {out} ({exc.strerror or exc})") from exc
     counts = [len(v) for v in negatives.values()]
@@ -59,20 +105,23 @@ def mine_command(
         "examples": rows,
         "min_negatives": min(counts, default=0),
         "avg_negatives": round(sum(counts) / max(len(counts), 1), 2),
-        "bm25": bm25.describe(stem),
+        "ranked_by": ranker,
         "seconds": round(time.perf_counter() - started, 2),
     }
+    if members is None:
+        summary["bm25"] = ranker  # the key scripts read before other rankers existed
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
     else:
         typer.echo(
             f"mined {summary['avg_negatives']:g} negatives per query (at least {summary['min_negatives']}) for "
             f"{summary['queries']} queries of {split}: {rows} examples written to {out} in {summary['seconds']:.1f} s"
-            f"\n  {summary['bm25']}"
+            f"\n  ranked by {summary['ranked_by']}"
         )
 
 
-def _write_mined(out: Path, dataset, negatives: dict[str, list[str]], progress: bool) -> int:
+def _write_mined(out: Path, dataset, negatives: dict[str, list[str]], progress: bool,
+                 max_positives: int | None = None) -> int:
     """One seed-format line per (query, positive) pair, with ids; returns the number of lines."""
     from tqdm.auto import tqdm
 
@@ -82,7 +131,9 @@ def _write_mined(out: Path, dataset, negatives: dict[str, list[str]], progress: 
     with open(tmp, "w", encoding="utf-8") as handle:
         for qid in tqdm(dataset.queries, desc="writing", unit="query", disable=not progress, leave=False):
             negative_ids = negatives.get(qid, [])
-            for doc_id in dataset.positives(qid):
+            grades = dataset.qrels.get(qid, {})
+            positives = sorted(dataset.positives(qid), key=lambda d: -grades.get(d, 1))[:max_positives]
+            for doc_id in positives:
                 record = {
                     "query_id": qid,
                     "query": dataset.queries[qid],
@@ -149,3 +200,90 @@ def _print_stats(stats: dict[str, Any]) -> None:
         for key, value in values.items():
             table.add_row(f"{split}: {key.replace('_', ' ')}", f"{value:g}" if isinstance(value, float) else str(value))
     Console().print(table)
+
+
+@data_app.command("score")
+def score_command(
+    data: Path = typer.Option(..., "--data", "-d", help="Training file to score (.json/.jsonl/.tsv triples)."),
+    out: Path = typer.Option(..., "--out", "-o", help="JSONL file to write: the examples with teacher scores."),
+    teacher: list[str] = typer.Option(
+        ..., "--teacher", "-t", help="NAME[=WEIGHT], repeatable: bm25, bm25:stem, bm25:nostem or a SPLADE model "
+        "(splade-tiny, a run's final/). Several form an ensemble, z-normalised per example and put in the units "
+        "of the first.",
+    ),
+    corpus: Optional[Path] = typer.Option(
+        None, "--corpus", help="BEIR directory whose corpus gives BM25 its statistics (default: the file's documents)."
+    ),
+    max_doc_length: int = typer.Option(256, "--max-doc-length", min=1, help="Document tokens for a SPLADE teacher."),
+    max_query_length: int = typer.Option(64, "--max-query-length", min=1, help="Query tokens for a SPLADE teacher."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="SPLADE teacher: 32-true or bf16-mixed (default: bf16-mixed with native bf16)."
+    ),
+    cache_dir: Optional[Path] = typer.Option(
+        None, "--cache-dir", help="Where encoded documents are cached (default: ~/.cache/spladectl/vectors)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+) -> None:
+    """Attach teacher scores to every example (positive and each negative), for distillation (--distillation).
+
+    Training on the written file adds the distillation term (MarginMSE by default, or KL) to the ranking loss.
+    """
+    from spladectl.data import load_corpus, load_training_data
+    from spladectl.data.examples import iter_records
+    from spladectl.data.teachers import describe, parse_members, score_examples
+
+    if out.exists() and not overwrite:
+        raise SpladectlError(f"--out: {out} exists (add --overwrite to replace it)")
+    members = parse_members(teacher)
+    started = time.perf_counter()
+    examples = load_training_data(data, show_progress=progress)
+    extra_texts = list(load_corpus(corpus)[0].values()) if corpus is not None else []
+    settings = _encode_settings(precision, max_query_length, max_doc_length, cache_dir, progress)
+    scores = score_examples(examples, members, settings, corpus=extra_texts)
+    for example, values in zip(examples, scores):
+        example.teacher_scores = values
+    records = list(iter_records(examples))
+    if detect_jsonl(data):  # keep ids and other fields the input carried
+        from spladectl.data._io import iter_jsonl
+
+        for record, (_, original) in zip(records, iter_jsonl(data)):
+            for key, value in original.items():
+                record.setdefault(key, value)
+    _write_jsonl(out, records)
+    summary = {"out": str(out), "data": str(data), "examples": len(records), "teacher": describe(members),
+               "seconds": round(time.perf_counter() - started, 2)}
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        typer.echo(f"scored {len(records)} examples with {summary['teacher']}: written to {out} in "
+                   f"{summary['seconds']:.1f} s")
+
+
+def detect_jsonl(path: Path) -> bool:
+    from spladectl.data.loading import detect_format
+
+    return detect_format(path) == "jsonl"
+
+
+def _write_jsonl(out: Path, records: list[dict]) -> None:
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        tmp.replace(out)  # a half-written file never takes the name of a finished one
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SpladectlError(f"--out: cannot write {out} ({exc.strerror or exc})") from exc
+
+
+def _encode_settings(precision, max_query_length, max_doc_length, cache_dir, progress):
+    from spladectl.cli.eval import resolve_device_precision
+    from spladectl.data.teachers import EncodeSettings
+
+    device, precision = resolve_device_precision(None, None, precision)
+    return EncodeSettings(max_query_length=max_query_length, max_doc_length=max_doc_length, precision=precision,
+                          device=device, cache_dir=cache_dir, show_progress=progress)

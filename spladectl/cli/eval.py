@@ -24,7 +24,10 @@ def eval_command(
     ),
     data: Path = typer.Option(..., "--data", "-d", help="BEIR directory (corpus.jsonl, queries.jsonl, qrels/)."),
     split: str = typer.Option("test", "--split", help="Qrels split to evaluate (qrels/SPLIT.tsv)."),
-    baseline: Optional[str] = typer.Option(None, "--baseline", help="Add a baseline row: bm25."),
+    baseline: Optional[str] = typer.Option(
+        None, "--baseline", help="Add baseline rows, comma-separated: bm25 (stemmed per --bm25-stem), bm25:stem, "
+        "bm25:nostem; e.g. --baseline bm25:nostem,bm25:stem for both BM25 rows users compare with.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of rows instead of a table."),
     run_file: Optional[Path] = typer.Option(
         None, "--run-file", help="Write the model's TREC run here (BM25's to FILE.bm25)."
@@ -56,8 +59,7 @@ def eval_command(
     """Evaluate MODEL on a BEIR split: nDCG@10, MRR@10, R@100, active dimensions and FLOPS."""
     from spladectl.evaluate import bm25_run, compute_metrics, encoder_run, load_beir, write_trec_run
 
-    if baseline is not None and baseline.lower() != "bm25":
-        raise SpladectlError(f"--baseline: unknown baseline {baseline!r}; the only one is bm25")
+    baselines = _parse_baselines(baseline, bm25_stem)
     if run_file is not None and run_file.is_dir():  # say so now, not after minutes of encoding
         raise SpladectlError(f"--run-file: {run_file} is a directory")
     device, precision = resolve_device_precision(profile, device, precision)
@@ -74,18 +76,18 @@ def eval_command(
     rows.append({"name": model, **compute_metrics(dataset.qrels, result.run), **result.stats,
                  "max_query_length": max_query_length, "max_doc_length": max_doc_length,
                  "seconds": round(seconds, 2)})
-    baseline_run = None
-    if baseline is not None:
-        bm25 = bm25_run(dataset, k, stem=bm25_stem, show_progress=progress)
-        rows.append({"name": "bm25", **compute_metrics(dataset.qrels, bm25.run), **bm25.stats,
+    baseline_runs = {}
+    for name, stem in baselines.items():
+        bm25 = bm25_run(dataset, k, stem=stem, show_progress=progress)
+        rows.append({"name": name, **compute_metrics(dataset.qrels, bm25.run), **bm25.stats,
                      "seconds": bm25.stats["index_and_search_seconds"]})
-        baseline_run = bm25.run
+        baseline_runs[name] = bm25.run
     if run_file is not None:
         try:
             run_file.parent.mkdir(parents=True, exist_ok=True)
             write_trec_run(run_file, result.run, model)
-            if baseline_run is not None:
-                write_trec_run(Path(f"{run_file}.bm25"), baseline_run, "bm25")
+            for name, run in baseline_runs.items():  # FILE.bm25, FILE.bm25:stem ...
+                write_trec_run(Path(f"{run_file}.{name}"), run, name)
         except OSError as exc:
             raise SpladectlError(f"--run-file: cannot write {run_file} ({exc.strerror or exc})") from exc
 
@@ -93,6 +95,19 @@ def eval_command(
         typer.echo(json.dumps(rows, indent=2))
     else:
         _print_table(rows, f"{data} · {split} · {len(dataset.queries)} queries · {len(dataset.corpus)} documents")
+
+
+BASELINES = {"bm25": None, "bm25:stem": True, "bm25:nostem": False}
+
+
+def _parse_baselines(text: str | None, bm25_stem: bool | None) -> dict[str, bool | None]:
+    """Row name -> BM25 stemming, in the order given; plain `bm25` follows --bm25-stem."""
+    out: dict[str, bool | None] = {}
+    for name in filter(None, (part.strip().lower() for part in (text or "").split(","))):
+        if name not in BASELINES:
+            raise SpladectlError(f"--baseline: unknown baseline {name!r}; expected {', '.join(BASELINES)}")
+        out[name] = bm25_stem if name == "bm25" else BASELINES[name]
+    return out
 
 
 def _print_table(rows: list[dict[str, Any]], title: str) -> None:

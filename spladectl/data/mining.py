@@ -105,3 +105,49 @@ def _read_cache(path: Path, key: str) -> dict[str, list[str]] | None:
     if not isinstance(payload, dict) or payload.get("key") != key or not isinstance(payload.get("negatives"), dict):
         return None
     return payload["negatives"]
+
+
+def mine_with_teacher(
+    dataset: BeirDataset,
+    members,
+    k: int = 50,
+    *,
+    skip_top: int = 0,
+    sample_from: int | None = None,
+    seed: int = 42,
+    settings=None,
+) -> dict[str, list[str]]:
+    """query id -> k hard negatives ranked by a teacher (a SPLADE model, BM25, or an ensemble; see teachers.py).
+
+    The ranking leaves out the query's positives and their textual duplicates, then skips its `skip_top` best
+    documents (the likeliest unjudged positives), then takes the next k, or, with `sample_from` > k, k drawn without
+    replacement from the next `sample_from` (kept in rank order; the draw depends only on `seed` and the query id).
+    """
+    import numpy as np
+
+    from spladectl.data import teachers
+
+    if k < 1 or skip_top < 0 or (sample_from is not None and sample_from < k):
+        raise ValueError("need k >= 1, skip_top >= 0 and sample_from >= k")
+    settings = settings or teachers.EncodeSettings()
+    query_ids = [qid for qid in dataset.queries if dataset.positives(qid)]
+    doc_ids = list(dataset.corpus)
+    texts = [dataset.corpus[d] for d in doc_ids]
+    scorers = [teachers.DocumentScorer(m, texts, settings) for m in members]
+    window = sample_from or k
+    depth = min(len(doc_ids), max(100, skip_top + window))
+    queries = [dataset.queries[q] for q in query_ids]
+    negatives: dict[str, list[str]] = {}
+    for qid, rows in zip(query_ids, zip(*(s.rows(queries) for s in scorers))):
+        tops = [np.argpartition(-row, depth - 1)[:depth] for row in rows]
+        fused = teachers.ensemble(rows, [m.weight for m in members], reference=np.unique(np.concatenate(tops)))
+        positives = set(dataset.positives(qid))
+        positive_texts = {dataset.corpus[d] for d in positives}
+        ranked = (doc_ids[i] for i in np.lexsort((np.arange(len(fused)), -fused)))
+        kept = (d for d in ranked if d not in positives and dataset.corpus[d] not in positive_texts)
+        candidates = list(itertools.islice(kept, skip_top + window))[skip_top:]
+        if sample_from and len(candidates) > k:
+            rng = np.random.default_rng([seed, int(hashlib.sha1(qid.encode()).hexdigest()[:8], 16)])
+            candidates = [candidates[i] for i in sorted(rng.choice(len(candidates), k, replace=False))]
+        negatives[qid] = candidates[:k]
+    return negatives
