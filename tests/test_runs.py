@@ -219,6 +219,160 @@ def test_runs_compare_sets_runs_side_by_side_and_plots_them(swept, cli, tmp_path
     assert "settings that differ" in text and "lambda_q" in text and "nDCG@10" in text
 
 
+QUALITY_COLUMNS = ("nDCG@10", "MRR@10", "R@100", "avg_query_dims", "avg_doc_dims", "avg_flops")
+
+
+def expected_quality(d: Path) -> list[dict]:
+    """The quality rows of the run in `d`, worked out from its files the way docs/orchestration.md describes them."""
+    record, evals = json.loads((d / "run.json").read_text()), read_jsonl(d / "eval.jsonl")
+    after = (record.get("heldout") or {}).get("after")
+    if after:
+        final = ("after training", record["steps"], after)
+    else:
+        final = ("eval.jsonl", evals[-1]["step"], evals[-1]) if evals else None
+    best_step = record["best_metrics"].get("nDCG@10", {}).get("step")
+    if final is None:
+        return [{"evaluation": None, "source": None, **dict.fromkeys(QUALITY_COLUMNS)}]
+    rows = [("final, best" if best_step == final[1] else "final", final)]
+    if best_step is not None and best_step != final[1]:
+        rows.append(("best", ("eval.jsonl", best_step, [e for e in evals if e["step"] == best_step][-1])))
+    return [{"evaluation": which, "source": {"origin": origin, "data": "beir", "split": "test", "step": step},
+             **{name: values[name] for name in QUALITY_COLUMNS}} for which, (origin, step, values) in rows]
+
+
+@pytest.fixture
+def quality_root(swept, tmp_path):
+    """A copy of the sweep in which lambda_q=0.01 has no held-out pass after training (as when --eval-data was
+    not given to an older spladectl), so its final numbers must come from eval.jsonl's last line."""
+    root = tmp_path / "copy"
+    shutil.copytree(swept["root"], root)
+    path = root / SWEEP / "lambda_q=0.01" / "run.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "heldout": None}))
+    return root
+
+
+def test_runs_compare_reports_quality_against_cost(quality_root, cli):
+    for point in POINTS[:3]:  # in-training evaluations carry the sparsity they were measured at
+        for line in read_jsonl(quality_root / SWEEP / point / "eval.jsonl"):
+            assert all(isinstance(line[k], float) for k in ("avg_query_dims", "avg_doc_dims", "avg_flops")), point
+    result = cli("runs", "compare", SWEEP, "--runs-root", str(quality_root), "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["quality"]
+    for point in POINTS:
+        d = quality_root / SWEEP / point
+        shown = [{k: v for k, v in row.items() if k != "run"} for row in rows if row["run"] == f"{SWEEP}/{point}"]
+        assert shown == expected_quality(d), point
+        record = json.loads((d / "run.json").read_text())
+        if record.get("heldout"):  # the final row holds what run.json reports as the final metrics
+            assert {k: shown[0][k] for k in QUALITY_COLUMNS} == {k: record["final_metrics"][k] for k in QUALITY_COLUMNS}
+    assert any(r["source"] and r["source"]["origin"] == "eval.jsonl" and r["evaluation"].startswith("final")
+               for r in rows)  # lambda_q=0.01's
+
+    text = cli("runs", "compare", SWEEP, "--runs-root", str(quality_root), env=WIDE).output
+    quality = text[text.index("quality against cost"):]
+    header = quality.splitlines()[2].split()
+    assert header == ["run", "evaluation", "source", "nDCG@10", "MRR@10", "R@100", "query", "dims", "doc", "dims",
+                      "FLOPS"]
+    (never,) = [line for line in quality.splitlines() if line.strip().startswith("bad-data")]
+    assert never.split()[1:] == ["-", "no", "evaluation", *["-"] * 6]
+    row = next(r for r in rows if r["run"] == f"{SWEEP}/short-warm-up")
+    (line,) = [line for line in quality.splitlines() if line.strip().startswith("short-warm-up")
+               and row["evaluation"] in line]
+    assert f"beir/test, step {row['source']['step']}" in line and f"{row['nDCG@10']:.4f}" in line
+    assert f"{row['avg_flops']:.4g}" in line
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures `runs compare --plot` saves, kept for inspection (savefig itself still runs)."""
+    from matplotlib.figure import Figure
+
+    figures, save = [], Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        figures.append(self)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figures
+
+
+def quality_axes(figure):
+    (ax,) = [ax for ax in figure.axes if ax.get_label() == "quality"]
+    return ax
+
+
+def test_runs_compare_plots_quality_against_flops(swept, cli, tmp_path, drawn):
+    from spladectl.runs.quality import final_evaluation, quality_path
+    from spladectl.runs.record import load_record
+
+    plot = tmp_path / "compare.png"
+    result = cli("runs", "compare", SWEEP, "--runs-root", str(swept["root"]), "--plot", str(plot), env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert plot.read_bytes().startswith(b"\x89PNG") and len(drawn) == 1
+    (figure,) = drawn
+    assert {ax.get_label() for ax in figure.axes} == {"loss", "lambda", "dims", "eval", "quality"}
+    ax = quality_axes(figure)
+    assert "FLOPS" in ax.get_xlabel() and ax.get_ylabel() == "nDCG@10" and ax.get_title() == "nDCG@10 against FLOPS"
+
+    records = [load_record(run_dir(swept, p)) for p in POINTS[:3]]
+    # one labelled dot per evaluated run, at its final evaluation's FLOPS and nDCG@10
+    finals = [final_evaluation(r)[2] for r in records]
+    dots = sorted(tuple(map(float, c.get_offsets()[0])) for c in ax.collections)
+    assert dots == sorted((f["avg_flops"], f["nDCG@10"]) for f in finals)
+    assert sorted(t.get_text() for t in ax.texts) == sorted(POINTS[:3])  # bad-data was never evaluated
+    # and a path through its evaluations: before training, every eval.jsonl line, after training
+    for record in records:
+        heldout, evals = record.heldout, read_jsonl(record.path / "eval.jsonl")
+        expected = [heldout["before"], *evals, heldout["after"]]
+        assert quality_path(record) == [(e["avg_flops"], e["nDCG@10"]) for e in expected]
+    paths = sorted([list(zip(map(float, line.get_xdata()), map(float, line.get_ydata()))) for line in ax.lines])
+    assert paths == sorted(quality_path(r) for r in records)
+
+
+def test_quality_plot_goes_logarithmic_when_flops_spread_over_orders_of_magnitude(swept, tmp_path):
+    from spladectl.runs.plot import build_figure
+    from spladectl.runs.record import load_record
+
+    root = tmp_path / "copy"
+    shutil.copytree(swept["root"] / SWEEP, root)
+    close = [load_record(root / p) for p in POINTS[:3]]
+    assert quality_axes(build_figure(close)).get_xscale() == "linear"  # a few steps of the same λ hardly differ
+    # A heavily regularised run is ~100x sparser; two steps cannot train one, so its files say so instead.
+    sparse = root / "lambda_q=0.01"
+    lines = [{**e, "avg_flops": e["avg_flops"] / 100} for e in read_jsonl(sparse / "eval.jsonl")]
+    (sparse / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    record = json.loads((sparse / "run.json").read_text())
+    for when in ("before", "after"):
+        record["heldout"][when]["avg_flops"] /= 100
+    (sparse / "run.json").write_text(json.dumps(record))
+    assert quality_axes(build_figure([load_record(root / p) for p in POINTS[:3]])).get_xscale() == "log"
+
+
+def test_evaluations_without_flops_show_dashes_and_a_bad_plot_path_is_named(quality_root, cli, drawn):
+    # What an older spladectl wrote: evaluations without sparsity, and a line that is no JSON object.
+    d = quality_root / SWEEP / "short-warm-up"
+    cost = ("avg_query_dims", "avg_doc_dims", "avg_flops")
+    lines = [{k: v for k, v in e.items() if k not in cost} for e in read_jsonl(d / "eval.jsonl")]
+    (d / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines) + "[1, 2]\n")
+    record = json.loads((d / "run.json").read_text())
+    record["heldout"] = {when: {k: v for k, v in m.items() if k not in cost} for when, m in record["heldout"].items()}
+    (d / "run.json").write_text(json.dumps(record))
+
+    plot = quality_root / "quality.png"
+    result = cli("runs", "compare", SWEEP, "--runs-root", str(quality_root), "--json", "--plot", str(plot))
+    assert result.exit_code == 0, result.output
+    rows = [r for r in json.loads(result.stdout)["quality"] if r["run"] == f"{SWEEP}/short-warm-up"]
+    assert rows and all(r[k] is None for r in rows for k in cost)
+    assert rows[0]["nDCG@10"] == record["heldout"]["after"]["nDCG@10"]  # its quality is still there
+    ax = quality_axes(drawn[-1])
+    assert "short-warm-up" not in [t.get_text() for t in ax.texts] and len(ax.texts) == 2  # nothing to place it at
+
+    bad = cli("runs", "compare", SWEEP, "--runs-root", str(quality_root), "--plot", str(quality_root / "q.nope"),
+              env=WIDE)
+    assert bad.exit_code == 2 and f"{quality_root / 'q.nope'}: cannot write the plot" in bad.output
+
+
 def test_runs_rm_removes_runs_and_refuses_running_ones(swept, cli, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(swept["root"], root)

@@ -146,11 +146,13 @@ def show(
 @runs_app.command("compare")
 def compare(
     runs: Annotated[list[str], typer.Argument(help="Runs to compare: ids, unique prefixes, directories, or a sweep's name for all its runs.")],
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw loss, λ, active dimensions and nDCG@10 over steps into this file (.png, .svg, .pdf).")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw loss, λ, active dimensions and nDCG@10 over steps, and nDCG@10 against FLOPS, into this file (.png, .svg, .pdf).")] = None,
     runs_root: RootOption = Path("runs"),
     as_json: JsonOption = False,
 ) -> None:
-    """Compare runs: the settings that differ between them and their metrics, side by side."""
+    """Compare runs: the settings that differ between them and their metrics, side by side, then quality against
+    cost: nDCG@10, MRR@10, R@100 beside active query/document dimensions and FLOPS of each run's final (and best)
+    evaluation, with the split and step they come from."""
     from spladectl.runs.compare import compare as compare_runs
     from spladectl.runs.compare import refreshed
     from spladectl.runs.store import resolve_refs
@@ -176,7 +178,9 @@ def compare(
     _row(table, "metrics", *[""] * len(labels))
     for key, values in table_data["metrics"].items():
         _row(table, f"  {key}", *[_cell(v) for v in values])
-    _console().print(table)
+    console = _console()
+    console.print(table)
+    console.print(_quality_table(table_data["quality"], dict(zip(table_data["runs"], labels))))
     if plot is not None:
         typer.echo(f"plot written to {plot}")
 
@@ -209,6 +213,25 @@ def remove(
         if sweep_dir.is_dir() and not run_dirs(sweep_dir):
             shutil.rmtree(sweep_dir)
     typer.echo(f"removed {len(records)} run(s)")
+
+
+def _quality_table(rows: list[dict[str, Any]], labels: dict[str, str]):
+    from spladectl.runs.quality import QUALITY, source_text
+
+    table = _table("run", "evaluation", "source", *QUALITY, "query dims", "doc dims", "FLOPS",
+                   title="quality against cost")
+    for row in rows:
+        evaluation = row["evaluation"] or "-"
+        if row.get("best_by"):
+            evaluation += f" ({row['best_by']})"
+        _row(table, labels.get(row["run"], row["run"]), evaluation, source_text(row),
+             *[_fixed(row[name], 4) for name in QUALITY], _fixed(row["avg_query_dims"], 1),
+             _fixed(row["avg_doc_dims"], 1), "-" if row["avg_flops"] is None else f"{row['avg_flops']:.4g}")
+    return table
+
+
+def _fixed(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _as_json(record) -> dict[str, Any]:
@@ -251,10 +274,10 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def _table(*columns: str):
+def _table(*columns: str, title: str | None = None):
     from spladectl.cli.profile import _table as table
 
-    return table(*columns)
+    return table(*columns, title=title)
 
 
 def _row(table, *cells: Any) -> None:

@@ -6,8 +6,8 @@
 A run directory holds run.json (status, timing, tags, summary metrics), config.toml (the resolved TrainConfig,
 enough to re-launch it), env.json (the `spladectl env` report), metrics.jsonl, eval.jsonl, checkpoints/, final/ and
 best/. `record` reads and writes run.json, `store` finds runs, `summary` turns metrics files into final/best numbers,
-`lifecycle` keeps run.json true whatever happens to the run, `compare` and `plot` set runs side by side, `sweep`
-runs an experiment file's points.
+`lifecycle` keeps run.json true whatever happens to the run, `compare` and `plot` set runs side by side (`quality`:
+their retrieval quality against its cost), `sweep` runs an experiment file's points.
 """
 
 from spladectl.runs.record import RUN_FILE, RunRecord

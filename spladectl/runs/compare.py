@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from spladectl.runs.quality import quality_rows
 from spladectl.runs.record import RunRecord
 from spladectl.runs.summary import summarize
 
@@ -35,7 +36,8 @@ def refreshed(record: RunRecord) -> RunRecord:
 
 
 def compare(records: list[RunRecord]) -> dict[str, Any]:
-    """{"runs": ids, "settings": {key: [value per run]} for keys that differ, "metrics": {name: [value per run]}}.
+    """{"runs": ids, "settings": {key: [value per run]} for keys that differ, "metrics": {name: [value per run]},
+    "quality": the rows of quality.quality_rows, run after run}.
 
     A setting missing from a run (it failed before its configuration existed, or an older version did not have it)
     is None; runs without any configuration do not make settings differ.
@@ -56,4 +58,5 @@ def compare(records: list[RunRecord]) -> dict[str, Any]:
         metrics[name] = [r.final_metrics.get(name) for r in records]
     for name in dict.fromkeys(k for r in records for k in r.best_metrics):
         metrics[f"best_{name}"] = [(r.best_metrics.get(name) or {}).get("value") for r in records]
-    return {"runs": [r.id for r in records], "settings": settings, "metrics": metrics}
+    quality = [row for record, config in zip(records, configs) for row in quality_rows(record, config)]
+    return {"runs": [r.id for r in records], "settings": settings, "metrics": metrics, "quality": quality}

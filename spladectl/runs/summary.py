@@ -18,7 +18,8 @@ _EVAL_EXTRA = {"avg_query_dims", "avg_doc_dims", "avg_flops"}
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines file; a missing file is empty and a torn last line (a killed run) is skipped."""
+    """The rows of a JSON-lines file; a missing file is empty and a torn last line (a killed run) is skipped, as is
+    any line that is not an object (readers look keys up in every row)."""
     if not path.is_file():
         return []
     rows = []
@@ -26,9 +27,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError:
             continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 
