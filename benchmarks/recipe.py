@@ -119,6 +119,7 @@ def run_recipe(recipe: dict, data: Path, eval_split: str, seed: int, work: Path,
 def reference_rows(data: Path, split: str, recipe: dict, work: Path, log: Path) -> list[dict]:
     """Zero-shot splade-tiny and both BM25 rows, from one `spladectl eval --baseline` call."""
     cached = work / f"reference-{split}.json"
+    work.mkdir(parents=True, exist_ok=True)
     if not cached.is_file():
         lengths = ["--max-doc-length", str(recipe["train"].get("max-doc-length", 256))]
         cached.write_text(spladectl("eval", "--model", recipe["train"].get("model", "splade-tiny"), "--data",
