@@ -12,6 +12,7 @@ in a background thread of the training process that keeps the next micro-batches
 from __future__ import annotations
 
 import copy
+import hashlib
 import queue
 import random
 import threading
@@ -31,6 +32,8 @@ class MicroBatch:
     doc_mask: torch.Tensor
     teacher_scores: torch.Tensor | None  # (B, 1 + N)
     size: int  # examples in the micro-batch
+    query_keys: torch.Tensor | None = None  # (B,) text_key of each query
+    doc_keys: torch.Tensor | None = None  # (B * (1 + N),) text_key of each document, in doc_ids' order
 
     def split(self, parts: int) -> list["MicroBatch"]:
         """Up to `parts` smaller micro-batches of the same examples (after an out-of-memory error)."""
@@ -42,9 +45,10 @@ class MicroBatch:
         for start in range(0, self.size, size):
             stop = min(start + size, self.size)
             rows, docs = slice(start, stop), slice(start * per_example, stop * per_example)
+            part = lambda t, cut: None if t is None else t[cut]  # noqa: E731
             out.append(MicroBatch(
                 self.query_ids[rows], self.query_mask[rows], self.doc_ids[docs], self.doc_mask[docs],
-                None if self.teacher_scores is None else self.teacher_scores[rows], stop - start,
+                part(self.teacher_scores, rows), stop - start, part(self.query_keys, rows), part(self.doc_keys, docs),
             ))
         return out
 
@@ -52,8 +56,18 @@ class MicroBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return MicroBatch(
             move(self.query_ids), move(self.query_mask), move(self.doc_ids), move(self.doc_mask),
-            move(self.teacher_scores), self.size,
+            move(self.teacher_scores), self.size, move(self.query_keys), move(self.doc_keys),
         )
+
+
+def text_key(text: str) -> int:
+    """A 64-bit key of a text, equal for equal texts in every process (Python's hash() is salted per process), so
+    the loss can tell a query's other positives apart from true negatives over a gathered global batch."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+def text_keys(texts: list[str]) -> torch.Tensor:
+    return torch.tensor([text_key(t) for t in texts], dtype=torch.int64)
 
 
 def pad_multiple(max_length: int) -> int | None:
@@ -103,7 +117,7 @@ class Collator:
             teacher = torch.tensor([[e.teacher_scores[0], *(e.teacher_scores[1 + j] for j in p)]
                                     for e, p in zip(examples, picks)], dtype=torch.float32)
         return MicroBatch(q["input_ids"], q["attention_mask"], d["input_ids"], d["attention_mask"], teacher,
-                          len(examples))
+                          len(examples), text_keys(queries), text_keys(docs))
 
 
 class _Indexed(Dataset):

@@ -3,14 +3,18 @@
 A checkpoint is `OUTPUT/checkpoints/step-N/`: the model (save_pretrained), and `training_state.pt` holding the
 optimizer, scheduler, scaler, RNG states, data position and the resolved config. It is written to a temporary
 directory and renamed into place, so a crash while writing never damages an existing checkpoint.
+
+A Snapshot is the same state in CPU memory, for going back a few steps within a run (a collapse backoff).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +89,13 @@ def save_checkpoint(checkpoints: Path, step: int, *, encoder, state: dict[str, A
     return final
 
 
+def drop_after(checkpoints: Path, step: int) -> None:
+    """Remove the checkpoints of steps after `step`: a run that went back to `step` will write its own."""
+    for later, path in step_dirs(checkpoints):
+        if later > step:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def find_checkpoint(spec: str, output_dir: Path) -> Path:
     """`latest` (the newest complete checkpoint under OUTPUT/checkpoints) or a path to a step directory."""
     if spec == "latest":
@@ -109,3 +120,55 @@ def load_training_state(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path / STATE_FILE}: not a spladectl training state (format {FORMAT_VERSION})")
     return state
+
+
+# What a run's position is made of, besides the model and the optimizer: TrainState fields a snapshot restores.
+_POSITION = ("step", "epoch", "position", "examples_seen", "skipped_steps", "split_factor")
+
+
+@dataclass
+class Snapshot:
+    """A run's state (model, optimizer, scheduler, scaler, RNG, data position) copied to CPU memory.
+
+    The best model and metric are not part of it: best/ on disk stays the best whatever the run goes back to.
+    """
+
+    position: dict[str, int]
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any]
+    rng: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return self.position["step"]
+
+    @classmethod
+    def take(cls, state) -> "Snapshot":
+        """Copy `state` (an engine.TrainState); later steps do not change the copy."""
+        return cls({key: getattr(state, key) for key in _POSITION}, cpu_copy(state.model.state_dict()),
+                   cpu_copy(state.optimizer.state_dict()), cpu_copy(state.scheduler.state_dict()),
+                   cpu_copy(state.scaler.state_dict()), cpu_copy(rng_state()))
+
+    def restore(self, state) -> None:
+        """Put `state` back where it was when the snapshot was taken (the snapshot stays usable for another time)."""
+        state.model.load_state_dict(self.model)
+        # load_state_dict keeps references into what it is given; a copy leaves the snapshot untouched by later steps.
+        state.optimizer.load_state_dict(cpu_copy(self.optimizer))
+        state.scheduler.load_state_dict(cpu_copy(self.scheduler))
+        state.scaler.load_state_dict(cpu_copy(self.scaler))
+        set_rng_state(cpu_copy(self.rng))
+        for key, value in self.position.items():
+            setattr(state, key, value)
+
+
+def cpu_copy(value: Any) -> Any:
+    """A deep copy with every tensor cloned to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_copy(item) for item in value)
+    return copy.deepcopy(value)

@@ -58,6 +58,8 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 1
     memory_tracking: bool = False
+    on_collapse: str = "stop"  # stop | backoff | warn: what a collapsed run does (spladectl/collapse.py)
+    collapse_patience: int = 10  # consecutive collapsed optimizer steps before the policy acts
     track: list[str] = field(default_factory=list)  # experiment trackers mirroring the run: tensorboard, mlflow
     plugins: list[str] = field(default_factory=list)
     # evaluation during training

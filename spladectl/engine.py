@@ -9,6 +9,9 @@ and each micro-batch's query and document representations are gathered from ever
 computes the same loss over the global batch (ranking, FLOPS, distillation, plugin terms alike) and back-propagates
 it through its own examples only; the all-reduce of DDP averages those shares, so the backward is scaled by the world
 size to make their sum the gradient of the global loss: the update one process with the global batch would make.
+
+After each step the metrics go to a collapse detector (collapse.py); --on-collapse says whether a collapsed run stops,
+goes back to a snapshot of a healthy step with half the learning rate, or only warns.
 """
 
 from __future__ import annotations
@@ -26,13 +29,13 @@ import numpy as np
 import torch
 
 from spladectl import checkpoint as ckpt
-from spladectl import distributed
+from spladectl import collapse, distributed
 from spladectl.batches import Collator, MicroBatch, micro_batches, micro_batches_per_epoch
 from spladectl.config import TrainConfig
 from spladectl.data import Example
 from spladectl.distributed import World
-from spladectl.errors import SpladectlError
-from spladectl.losses import LossInputs, contrastive_loss
+from spladectl.errors import CollapseError, SpladectlError
+from spladectl.losses import LossInputs, chance_loss, contrastive_loss
 from spladectl.model import SpladeEncoder
 from spladectl.precision import autocast_dtype, low_precision_matmuls
 
@@ -60,6 +63,7 @@ class TrainState:
     world_size: int = 1
     last_metrics: dict[str, Any] = field(default_factory=dict)
     best_metric: float | None = None
+    best_step: int | None = None  # the step of the model in OUTPUT/best
     extras: dict[str, Any] = field(default_factory=dict)  # room for plugins to keep per-run state
     run_step: Callable[[], dict[str, Any]] | None = None  # the engine's step, called by the core optimizer_step hook
 
@@ -111,6 +115,7 @@ class Trainer:
                  world: World | None = None):
         if not examples:
             raise SpladectlError("the training data holds no examples")
+        collapse.check_policy(config.on_collapse)
         self.world = world or World()
         if config.world_size != self.world.world_size:
             raise SpladectlError(f"world_size: the configuration says {config.world_size} process(es), and this run "
@@ -162,7 +167,16 @@ class Trainer:
         self.low_precision_matmuls = lambda: low_precision_matmuls(self.device.type, dtype)  # forward and backward
         self.state.run_step = self._optimizer_step
         self._batches = None
-        self._collapse_warned = False
+        # An LR warm-up starting near zero leaves the model near where it started, possibly near chance level.
+        self.detector = collapse.CollapseDetector(config.collapse_patience,
+                                                  chance_after=int(round(config.warmup_ratio * total)))
+        self.collapse: collapse.Collapse | None = None  # the last collapse detected
+        self.collapse_events: list[str] = []  # what the policy did about each, for the run's record
+        self.backoffs = 0
+        # (state, self.backoffs when taken) at the end of windows of collapse_patience healthy steps, the newest two:
+        # a backoff goes to the older one, whose next window was healthy too, since a decline can begin before its
+        # signals do.
+        self._snapshots: list[tuple[ckpt.Snapshot, int]] = []
 
     # ----------------------------------------------------------------------------------------------- resume
     def resume(self, path: Path) -> None:
@@ -190,6 +204,7 @@ class Trainer:
         s.step, s.epoch, s.position = state["step"], state["epoch"], state["position"]
         s.skipped_steps, s.examples_seen = state["skipped_steps"], state["examples_seen"]
         s.best_metric, s.split_factor = state.get("best_metric"), state.get("split_factor", 1)
+        s.best_step, self.backoffs = state.get("best_step"), state.get("collapse_backoffs", 0)
         per_rank = state.get("rng_per_rank")
         ckpt.set_rng_state(per_rank[self.world.rank] if per_rank else state["rng"])
         self.log(f"resumed from {path} at step {s.step} (epoch {s.epoch}, micro-batch {s.position})")
@@ -203,6 +218,7 @@ class Trainer:
         payload = {
             "epoch": s.epoch, "position": s.position, "skipped_steps": s.skipped_steps,
             "examples_seen": s.examples_seen, "best_metric": s.best_metric, "split_factor": s.split_factor,
+            "best_step": s.best_step, "collapse_backoffs": self.backoffs,
             "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
             "scaler": s.scaler.state_dict(), "rng": rng[0], "config": self.config.to_dict(),
         }
@@ -257,26 +273,31 @@ class Trainer:
                 with self.autocast():
                     query, docs = self.encoder(batch.query_ids, batch.query_mask, batch.doc_ids, batch.doc_mask)
                 inputs = self._loss_inputs(query.float(), docs.float(), batch)
-                terms = {"ranking": contrastive_loss(inputs, in_batch=c.in_batch_negatives, groups=groups)}
+                ranking = dict(in_batch=c.in_batch_negatives, groups=groups)
+                terms = {"ranking": contrastive_loss(inputs, **ranking)}
                 for plugin_terms in self.pm.hook.loss_terms(inputs=inputs, state=s):
                     for name, value in (plugin_terms or {}).items():
                         terms[name] = terms[name] + value if name in terms else value
                 loss = sum(terms.values())
                 s.scaler.scale(loss * world_size / len(batches)).backward()
-            logged = {"loss": loss, **terms, "query_dims": _active(inputs.query), "doc_dims": _active(inputs.documents)}
+            chance, candidates = chance_loss(inputs, **ranking)
+            logged = {"loss": loss, **terms, "query_dims": _active(inputs.query), "doc_dims": _active(inputs.documents),
+                      "chance_loss": chance, "candidates": candidates}
             for name, value in logged.items():
                 totals[name] = totals.get(name, 0.0) + value.detach() / len(batches)
         return totals
 
     def _loss_inputs(self, query: torch.Tensor, docs: torch.Tensor, batch: MicroBatch) -> LossInputs:
         """The loss's view of a micro-batch: this process's examples, or in a distributed run every process's."""
-        teacher = batch.teacher_scores
+        teacher, query_keys, doc_keys = batch.teacher_scores, batch.query_keys, batch.doc_keys
         local_rows = None
         if self.world.distributed:
             query, docs = distributed.gather(query), distributed.gather(docs)
             teacher = distributed.gather(teacher) if self._gather_teacher else None
+            query_keys, doc_keys = distributed.gather(query_keys), distributed.gather(doc_keys)
             local_rows = slice(self.world.rank * batch.size, (self.world.rank + 1) * batch.size)
-        return LossInputs.build(query, docs.view(query.shape[0], -1, docs.shape[-1]), teacher, local_rows)
+        return LossInputs.build(query, docs.view(query.shape[0], -1, docs.shape[-1]), teacher, local_rows,
+                                query_keys=query_keys, doc_keys=doc_keys)
 
     def _optimizer_step(self) -> dict[str, Any]:
         s, c = self.state, self.config
@@ -351,6 +372,8 @@ class Trainer:
         metrics_file = _open_metrics(self.output_dir / "metrics.jsonl", resumed_at=s.step) if main else None
         s.model.train()
         self.pm.hook.on_train_start(state=s)
+        if c.on_collapse == "backoff":
+            self._snapshots = [(ckpt.Snapshot.take(s), self.backoffs)]
         status, patience_left = "failed", c.early_stopping_patience
         bar = _progress(s.total_steps, s.step, enabled=self.progress)
         window = []  # (examples, seconds) of recent steps, for a throughput that is not skewed by the first step
@@ -364,7 +387,10 @@ class Trainer:
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(metrics) + "\n")
                     metrics_file.flush()
-                self._warn_on_collapse(metrics)
+                if self._watch_collapse(metrics):
+                    metrics_file = self._rewind_outputs(metrics_file)
+                    bar.n = s.step
+                    continue
                 bar.update(1)
                 bar.set_postfix(_postfix(metrics), refresh=False)
                 if c.eval_every and self.eval_fn and s.step % c.eval_every == 0:
@@ -400,7 +426,8 @@ class Trainer:
         if main:
             s.model.save_pretrained(final, extra_metadata={"steps": s.step, "precision": c.precision})
         return {"status": status, "steps": s.step, "skipped_steps": s.skipped_steps, "final": str(final),
-                "last_metrics": s.last_metrics}
+                "best": self.best_model(), "collapsed": self.collapse.describe() if self.detector.collapsed else None,
+                "collapse_events": list(self.collapse_events), "last_metrics": s.last_metrics}
 
     def _evaluate(self) -> bool:
         s, c = self.state, self.config
@@ -410,22 +437,94 @@ class Trainer:
         self.pm.hook.on_evaluate(state=s, metrics=metrics)
         value = metrics.get(c.eval_metric)
         self.log(f"step {s.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        collapsed = self.detector.collapsed  # only with --on-collapse warn does a collapsed run get this far
         with open(self.output_dir / "eval.jsonl", "a") as fh:
-            fh.write(json.dumps({"step": s.step, **metrics}) + "\n")
-        if value is None or (s.best_metric is not None and value <= s.best_metric):
+            fh.write(json.dumps({"step": s.step, **metrics, **({"collapsed": True} if collapsed else {})}) + "\n")
+        if value is None or collapsed or (s.best_metric is not None and value <= s.best_metric):
             return False
-        s.best_metric = value
+        s.best_metric, s.best_step = value, s.step
         s.model.save_pretrained(self.output_dir / "best", extra_metadata={"step": s.step, c.eval_metric: value})
         return True
 
-    def _warn_on_collapse(self, metrics: dict[str, Any]) -> None:
-        if self._collapse_warned:
-            return
-        for side in ("query", "doc"):
-            if metrics[f"{side}_dims"] < 1.0:
-                self.log(f"warning: {side} representations collapsed to {metrics[f'{side}_dims']:.2f} active "
-                         f"dimensions at step {metrics['step']}; lower --lambda-{side[0]} or lengthen the FLOPS warm-up")
-                self._collapse_warned = True
+    def best_model(self) -> dict[str, Any] | None:
+        """{"path", "step", "metric", "value"} of OUTPUT/best, the best model the evaluations found; None without."""
+        s = self.state
+        if s.best_step is None:
+            return None
+        return {"path": str(self.output_dir / "best"), "step": s.best_step, "metric": self.config.eval_metric,
+                "value": s.best_metric}
+
+    # ----------------------------------------------------------------------------------------------- collapse
+    def _watch_collapse(self, metrics: dict[str, Any]) -> bool:
+        """Apply --on-collapse to this step; True when the run went back to an earlier step (backoff)."""
+        c = self.config
+        found = self.detector.update(metrics)
+        if c.on_collapse == "warn":
+            if found is not None:
+                self.collapse = found
+                if not self.collapse_events:
+                    self.collapse_events.append(found.describe())
+                    self.log(f"warning: {found.describe()}; training goes on (--on-collapse warn)")
+            return False
+        # Every process computes the same global metrics, yet all must take the same turn here: rank 0 decides.
+        found, healthy = distributed.broadcast_object((found, self.detector.healthy))
+        if found is None:
+            if c.on_collapse == "backoff" and healthy and healthy % c.collapse_patience == 0:
+                self._snapshots = [*self._snapshots, (ckpt.Snapshot.take(self.state), self.backoffs)][-2:]
+            return False
+        self.collapse = found
+        if c.on_collapse == "backoff" and self.backoffs < collapse.MAX_BACKOFFS:
+            self._back_off(found)
+            return True
+        raise self._collapse_error(found)
+
+    def _back_off(self, found: collapse.Collapse) -> None:
+        s, c = self.state, self.config
+        self.backoffs += 1
+        self._snapshots = self._snapshots[:1]  # the newer one belongs to the steps being abandoned
+        snapshot, backoffs_then = self._snapshots[0]
+        snapshot.restore(s)
+        _scale_learning_rate(s.optimizer, s.scheduler, 0.5 ** (self.backoffs - backoffs_then))
+        self.detector.reset()
+        self._close_batches()  # the data position went back with the rest
+        message = (f"{found.describe()}; back to step {s.step} with the learning rate halved (peak "
+                   f"{c.lr * 0.5 ** self.backoffs:.3g}), backoff {self.backoffs} of {collapse.MAX_BACKOFFS}")
+        self.collapse_events.append(message)
+        self.log(f"warning: {message}")
+
+    def _rewind_outputs(self, metrics_file):
+        """After a backoff: the metrics lines and checkpoints of the abandoned steps go; those steps are redone."""
+        if metrics_file is None:
+            return None
+        metrics_file.close()
+        ckpt.drop_after(self.output_dir / "checkpoints", self.state.step)
+        return _open_metrics(self.output_dir / "metrics.jsonl", resumed_at=self.state.step)
+
+    def _collapse_error(self, found: collapse.Collapse) -> CollapseError:
+        from spladectl.default_plugins.flops import warmup_steps
+
+        c = self.config
+        tried = f" after {self.backoffs} backoff(s) with a halved learning rate" if self.backoffs else ""
+        message = f"{found.describe()}{tried}; no final model was written"
+        best = self.best_model()
+        if best is not None:
+            message += (f"; the best model (step {best['step']}, {best['metric']} {best['value']:.4f}) is in "
+                        f"{best['path']}")
+        hint = (f"lower --lr (now {c.lr:g}), lower --lambda-q/--lambda-d (now {c.lambda_q:g}/{c.lambda_d:g}), or "
+                f"lengthen --flops-warmup-steps (now {warmup_steps(self.state)})")
+        if c.on_collapse == "stop":
+            hint += "; --on-collapse backoff goes back to the last healthy step with half the learning rate"
+        return CollapseError(message, hint=hint)
+
+
+def _scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, factor: float) -> None:
+    """Multiply the learning rate now and for the rest of the schedule: schedulers derive it from `base_lrs`."""
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    if hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
 
 
 def _active(reps: torch.Tensor) -> torch.Tensor:

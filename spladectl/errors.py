@@ -40,6 +40,11 @@ class CheckpointError(SpladectlError):
     """A checkpoint that is missing, corrupt or does not match the run being resumed."""
 
 
+class CollapseError(SpladectlError):
+    """A run whose representations collapsed (see collapse.py); the message says at which step, what was seen and
+    what to change."""
+
+
 class PluginError(SpladectlError):
     """A plugin failed to load or raised inside a hook; the message names the plugin."""
 

@@ -4,6 +4,10 @@ Shapes: B examples per micro-batch, each with 1 positive and N hard-negative doc
 scores of a micro-batch are every query against every document of the micro-batch (in-batch negatives); the target
 of query i is its own positive, column i * (1 + N). In a distributed run the micro-batch is the global one: every
 process's examples, gathered (see engine.py), so every term here is computed over the global batch.
+
+A query with several positives appears in several examples; when two of them share a micro-batch, each one's positive
+would be a negative of the other: contradictory targets. The ranking loss therefore leaves out, for each query, every
+document whose text is a positive of the same query (by text keys, see batches.text_key), except its own target.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ class LossInputs:
     of the micro-batch, teacher_scores (B, 1+N) or None: a teacher's scores of each query's own documents.
     In a distributed run B counts the examples of all processes, and `local_rows` are this process's (the only rows
     whose representations carry gradients here); None in a single process.
+    query_keys (B,) and doc_keys (B*(1+N),), int64, identify the texts (equal text, equal key); None when unknown,
+    and then no document is left out of the ranking loss as a false negative.
     """
 
     query: torch.Tensor
@@ -33,11 +39,14 @@ class LossInputs:
     scores: torch.Tensor
     teacher_scores: torch.Tensor | None = None
     local_rows: slice | None = None
+    query_keys: torch.Tensor | None = None
+    doc_keys: torch.Tensor | None = None
 
     @classmethod
     def build(
         cls, query: torch.Tensor, documents: torch.Tensor, teacher_scores: torch.Tensor | None = None,
-        local_rows: slice | None = None,
+        local_rows: slice | None = None, *, query_keys: torch.Tensor | None = None,
+        doc_keys: torch.Tensor | None = None,
     ) -> "LossInputs":
         """Compute the in-batch scores (in fp32, whatever the representations' dtype) and check the shapes."""
         if query.dim() != 2 or documents.dim() != 3 or documents.shape[0] != query.shape[0] \
@@ -47,9 +56,13 @@ class LossInputs:
         if teacher_scores is not None and tuple(teacher_scores.shape) != tuple(documents.shape[:2]):
             raise ValueError(f"teacher_scores must be (B, 1+N) = {tuple(documents.shape[:2])}, "
                              f"got {tuple(teacher_scores.shape)}")
+        if (query_keys is None) != (doc_keys is None) or (query_keys is not None and (
+                tuple(query_keys.shape) != (query.shape[0],)
+                or tuple(doc_keys.shape) != (documents.shape[0] * documents.shape[1],))):
+            raise ValueError("query_keys (B,) and doc_keys (B*(1+N),) go together")
         flat_docs = documents.reshape(-1, documents.shape[-1])
         scores = query.float() @ flat_docs.float().T
-        return cls(query, documents, scores, teacher_scores, local_rows)
+        return cls(query, documents, scores, teacher_scores, local_rows, query_keys, doc_keys)
 
     @property
     def docs_per_query(self) -> int:
@@ -69,25 +82,51 @@ class LossInputs:
         return self.scores.gather(1, cols)
 
 
-def contrastive_loss(inputs: LossInputs, *, in_batch: bool = True, groups: int = 1) -> torch.Tensor:
-    """Cross-entropy of each query's positive against all documents of the micro-batch (in-batch + hard negatives);
-    with `in_batch=False`, against its own hard negatives only.
+def candidates(inputs: LossInputs, *, in_batch: bool = True, groups: int = 1) -> torch.Tensor:
+    """(B, B*(1+N)) bool: the documents each query's positive competes with in the ranking loss, the positive included.
 
+    All documents of the micro-batch (in-batch + hard negatives); with `in_batch=False`, its own documents only.
     `groups` > 1 splits the batch into that many equal consecutive groups of examples, and a query's in-batch
     negatives come from its own group only: the examples of one device, when cross-device negatives are off.
+    Either way, the false negatives (`false_negatives`) are left out.
     """
-    if not in_batch:
-        own = inputs.own_scores
-        return F.cross_entropy(own, torch.zeros(own.shape[0], dtype=torch.long, device=own.device))
-    scores = inputs.scores
-    if groups > 1:
-        batch = scores.shape[0]
+    batch, columns = inputs.scores.shape
+    device = inputs.scores.device
+    query_group = torch.arange(batch, device=device)
+    doc_group = torch.arange(columns, device=device) // inputs.docs_per_query  # the example each column belongs to
+    if in_batch:
         if batch % groups:
             raise ValueError(f"a batch of {batch} examples does not split into {groups} equal groups")
-        query_group = torch.arange(batch, device=scores.device) // (batch // groups)
-        doc_group = torch.arange(scores.shape[1], device=scores.device) // (scores.shape[1] // groups)
-        scores = scores.masked_fill(query_group.unsqueeze(1) != doc_group.unsqueeze(0), float("-inf"))
-    return F.cross_entropy(scores, inputs.targets)
+        query_group, doc_group = query_group // (batch // groups), doc_group // (batch // groups)
+    keep = query_group.unsqueeze(1) == doc_group.unsqueeze(0)
+    fake = false_negatives(inputs)
+    return keep if fake is None else keep & ~fake
+
+
+def false_negatives(inputs: LossInputs) -> torch.Tensor | None:
+    """(B, B*(1+N)) bool: the documents whose text is a positive of query i, in this example or another example of
+    the same query, other than query i's own target; None without text keys."""
+    if inputs.query_keys is None:
+        return None
+    positive_keys = inputs.doc_keys[inputs.targets]  # (B,)
+    same_query = inputs.query_keys.unsqueeze(1) == inputs.query_keys.unsqueeze(0)  # (B, B), the diagonal included
+    is_positive_of = positive_keys.unsqueeze(1) == inputs.doc_keys.unsqueeze(0)  # (B, columns): example j's positive
+    fake = (same_query.float() @ is_positive_of.float()) > 0
+    fake[torch.arange(fake.shape[0], device=fake.device), inputs.targets] = False
+    return fake
+
+
+def contrastive_loss(inputs: LossInputs, *, in_batch: bool = True, groups: int = 1) -> torch.Tensor:
+    """Cross-entropy of each query's positive against its `candidates` (see there for `in_batch` and `groups`)."""
+    keep = candidates(inputs, in_batch=in_batch, groups=groups)
+    return F.cross_entropy(inputs.scores.masked_fill(~keep, float("-inf")), inputs.targets)
+
+
+def chance_loss(inputs: LossInputs, *, in_batch: bool = True, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the contrastive loss of scores that rank nothing, the mean number of candidates per query): with equal
+    scores each query's loss is ln(its candidates), so the first is their mean (see collapse.py)."""
+    counts = candidates(inputs, in_batch=in_batch, groups=groups).sum(dim=1).float()
+    return counts.log().mean(), counts.mean()
 
 
 def flops(reps: torch.Tensor) -> torch.Tensor:

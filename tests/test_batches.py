@@ -3,11 +3,13 @@ shares of each process in a distributed run."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from spladectl.batches import Collator, epoch_order, micro_batches, rank_order
+from spladectl.batches import Collator, epoch_order, micro_batches, rank_order, text_key
 from spladectl.data import Example
 from spladectl.model import resolve_model_path
 
@@ -86,6 +88,21 @@ def test_split_keeps_every_example_with_its_documents(tokenizer):
     assert [p.size for p in pieces] == [3, 2]
     assert sum(p.doc_ids.shape[0] for p in pieces) == batch.doc_ids.shape[0]
     assert tokenizer.batch_decode(pieces[1].doc_ids, skip_special_tokens=True) == ["p3", "n3", "p4", "n4"]
+    # the text keys (for the loss's false negatives) travel with their rows
+    assert pieces[1].query_keys.tolist() == [text_key("q3"), text_key("q4")]
+    assert pieces[1].doc_keys.tolist() == [text_key(t) for t in ("p3", "n3", "p4", "n4")]
+
+
+def test_text_keys_are_the_same_in_every_process():
+    # Python's own hash() of a str differs between processes; the processes of a distributed run compare these.
+    import subprocess
+    import sys
+
+    code = "from spladectl.batches import text_key; print(text_key('how do bees make honey'))"
+    keys = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, check=True,
+                           capture_output=True, text=True).stdout.strip() for seed in ("1", "2")}
+    assert keys == {str(text_key("how do bees make honey"))}
+    assert text_key("a") != text_key("a ")
 
 
 def test_prefetcher_yields_in_order_and_raises_a_collation_error_where_it_happened():

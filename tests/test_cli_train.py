@@ -68,6 +68,7 @@ def test_malformed_row_names_file_and_line(cli, tmp_path):
     (["--precision", "fp8"], "fp8"),
     (["--resume", "latest"], "no checkpoint"),
     (["--plugin", "no_such_module:thing"], "no_such_module"),
+    (["--on-collapse", "halt"], "--on-collapse 'halt'"),
 ])
 def test_user_errors_exit_2_without_a_traceback(cli, data, tmp_path, args, message):
     result = cli("train", "--data", str(data), "-o", str(tmp_path / "out"), "--max-steps", "1", *SMALL, *args,

@@ -40,7 +40,7 @@ SMALL = ["--max-query-length", "16", "--max-doc-length", "32", "--precision", "f
          "--warmup-ratio", "0", "--flops-schedule", "constant", "--seed", "7", "--no-progress"]
 # 2 processes × 2 examples × 2 micro-batches: 8 examples per optimizer step, the 8 examples of tiny.py.
 PER_PROCESS = ["--batch-size", "2", "--grad-accum", "2"]
-COMPARED = ("loss", "ranking", "flops_q", "flops_d", "grad_norm", "query_dims", "doc_dims")
+COMPARED = ("loss", "ranking", "flops_q", "flops_d", "grad_norm", "query_dims", "doc_dims", "chance_loss", "candidates")
 
 
 # ------------------------------------------------------------------------------------------------ running processes

@@ -135,3 +135,68 @@ def test_losses_are_differentiable():
     terms = [losses.contrastive_loss(inputs), losses.flops(q), losses.margin_mse(inputs), losses.kl_distillation(inputs)]
     sum(terms).backward()
     assert q.grad is not None and d.grad is not None and torch.isfinite(q.grad).all()
+
+
+# ------------------------------------------------------------------------------------ false negatives in a real batch
+
+HONEY = "how do bees make honey"
+FALSE_NEGATIVE_EXAMPLES = [
+    # two examples of one query, each with its own positive: each positive is a false negative of the other
+    (HONEY, "Bees turn nectar into honey by evaporating water in the hive.", "Wasps build paper nests from wood."),
+    (HONEY, "Honeybees store concentrated nectar in wax cells.", "Ants farm aphids for their honeydew."),
+    # a mined hard negative that is the positive itself
+    ("why is the sky blue", "Rayleigh scattering favours short blue wavelengths.",
+     "Rayleigh scattering favours short blue wavelengths."),
+    ("what makes bread rise", "Yeast releases carbon dioxide that leavens dough.", "Baking soda reacts with acid."),
+]
+# Columns: 0 P0, 1 N0, 2 P1, 3 N1, 4 P2, 5 N2 (= P2), 6 P3, 7 N3. Targets 0, 2, 4, 6.
+KEPT_IN_BATCH = [[0, 1, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, 6, 7], [0, 1, 2, 3, 4, 5, 6, 7]]
+KEPT_OWN = [[0, 1], [2, 3], [4], [6, 7]]
+
+
+@pytest.fixture(scope="module")
+def encoded_false_negatives():
+    """The examples above as a Collator micro-batch, encoded by splade-tiny: (LossInputs, scores as lists)."""
+    from spladectl.batches import Collator
+    from spladectl.data import Example
+    from spladectl.model import SpladeEncoder
+
+    encoder = SpladeEncoder.from_pretrained("splade-tiny").eval()
+    collator = Collator(encoder.tokenizer, n_negatives=1, max_query_length=16, max_doc_length=32)
+    batch = collator(list(enumerate(Example(q, p, [n]) for q, p, n in FALSE_NEGATIVE_EXAMPLES)))
+    with torch.no_grad():
+        query, docs = encoder(batch.query_ids, batch.query_mask), encoder(batch.doc_ids, batch.doc_mask)
+    inputs = LossInputs.build(query, docs.view(batch.size, 2, -1), query_keys=batch.query_keys,
+                              doc_keys=batch.doc_keys)
+    return inputs, inputs.scores.tolist()
+
+
+def cross_entropy_by_hand(scores: list[list[float]], kept: list[list[int]]) -> float:
+    targets = [0, 2, 4, 6]
+    rows = [math.log(sum(math.exp(row[c]) for c in cols)) - row[t] for row, cols, t in zip(scores, kept, targets)]
+    return sum(rows) / len(rows)
+
+
+def test_other_positives_of_the_query_and_copies_of_the_positive_are_not_negatives(encoded_false_negatives):
+    inputs, scores = encoded_false_negatives
+    assert len({round(row[4] - row[5], 6) for row in scores}) == 1  # identical texts, identical scores
+    assert losses.contrastive_loss(inputs).item() == pytest.approx(cross_entropy_by_hand(scores, KEPT_IN_BATCH),
+                                                                   rel=1e-5)
+    assert losses.contrastive_loss(inputs, in_batch=False).item() == pytest.approx(
+        cross_entropy_by_hand(scores, KEPT_OWN), rel=1e-5)
+    everything = [list(range(8))] * 4
+    unmasked = LossInputs.build(inputs.query, inputs.documents)  # no text keys: every column competes, as before
+    assert losses.contrastive_loss(unmasked).item() == pytest.approx(cross_entropy_by_hand(scores, everything),
+                                                                     rel=1e-5)
+    assert losses.contrastive_loss(unmasked).item() > losses.contrastive_loss(inputs).item() + 0.05
+    chance, candidates = losses.chance_loss(inputs)
+    assert candidates.item() == pytest.approx(7.25)
+    assert chance.item() == pytest.approx((3 * math.log(7) + math.log(8)) / 4)
+
+
+def test_false_negatives_across_device_groups(encoded_false_negatives):
+    # Two devices of two examples: the two examples of one query are on device 0, so nothing changes on device 1.
+    inputs, scores = encoded_false_negatives
+    kept = [[0, 1, 3], [1, 2, 3], [4, 6, 7], [4, 5, 6, 7]]  # the copy of the positive (column 5) only for row 2
+    assert losses.contrastive_loss(inputs, groups=2).item() == pytest.approx(cross_entropy_by_hand(scores, kept),
+                                                                             rel=1e-5)

@@ -120,9 +120,14 @@ def show(
     if record.best_metrics:
         lines.append("best metrics")
         lines += [f"  {key:<24} {_num(v['value'])} (step {v['step']})" for key, v in record.best_metrics.items()]
+    if record.best_model:
+        best = record.best_model
+        lines.append(f"best model   {best['path']} (step {best['step']}, {best['metric']} {_num(best['value'])})")
     if record.heldout:
         lines.append("held-out quality (the demo)")
-        for when in ("before", "after"):
+        for when in ("before", "after", "best"):
+            if when == "best" and when not in record.heldout:  # only when the final model collapsed
+                continue
             values = record.heldout.get(when) or {}
             lines.append(f"  {when:<8} " + "  ".join(f"{k} {_num(values[k])}" for k in ("nDCG@10", "MRR@10", "R@100")
                                                     if k in values))

@@ -82,6 +82,7 @@ def train(
     eval_every: Optional[int] = typer.Option(None, "--eval-every", min=1, help="Evaluate every N optimizer steps; the best model goes to RUN_DIR/best."),
     eval_metric: str = typer.Option("nDCG@10", "--eval-metric", help="Metric that picks the best checkpoint."),
     patience: Optional[int] = typer.Option(None, "--patience", min=1, help="Stop after N evaluations without improvement."),
+    on_collapse: Optional[str] = typer.Option(None, "--on-collapse", help="When the representations collapse (under one active dimension, or the ranking loss at chance, for 10 steps): stop (default; an error saying what to change, no final model), backoff (back to the last healthy state with half the learning rate, at most 3 times) or warn (train on)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, rich_help_panel=DISTRIBUTED, help="Start N training processes on this machine through torch.distributed.run, one per GPU (nccl) or N CPU processes (gloo). --batch-size stays per process."),
@@ -368,14 +369,35 @@ def _train(params: dict[str, Any], run, *, pm, facts, source, tracks, checkpoint
     result["examples_per_s"] = trainer.state.examples_seen / max(result["train_seconds"], 1e-9)
     result["precision"] = config.precision
     run.record.train_seconds = result["train_seconds"]
+    run.record.warnings += result["collapse_events"]
     if heldout is not None:
-        log("held-out quality after training …")
-        result["heldout_before"], result["heldout_after"] = before, eval_fn(trainer.state.model)
+        result["heldout_before"] = before
+        result["heldout_after"], result["heldout_model"] = _evaluate_after(result, trainer.state.model, eval_fn, log)
         from spladectl.runs.summary import retrieval_metrics
 
-        run.record.heldout = {"before": retrieval_metrics(before), "after": retrieval_metrics(result["heldout_after"])}
+        # Of the best model, the numbers are not the final model's ("after"): summaries would take them for those.
+        after = "best" if result["heldout_model"] == "best" else "after"
+        run.record.heldout = {"before": retrieval_metrics(before), after: retrieval_metrics(result["heldout_after"])}
     result["summary"] = [list(row) for row in plugin_registry.summary_rows(trainer.state, pm)]
     return result
+
+
+def _evaluate_after(result: dict[str, Any], model, eval_fn, log) -> tuple[dict[str, Any] | None, str | None]:
+    """The held-out quality after training and which model it is of: the final one, unless that one collapsed
+    (--on-collapse warn); then the best one of --eval-every, or none."""
+    if result["collapsed"] is None:
+        log("held-out quality after training …")
+        return eval_fn(model), "final"
+    best = result["best"]
+    if best is None:
+        log("held-out quality after training: not measured, the final model is a collapsed one")
+        return None, None
+    from spladectl.model import SpladeEncoder
+
+    log(f"held-out quality after training, of the best model (step {best['step']}; the final one collapsed) …")
+    encoder = SpladeEncoder.from_pretrained(best["path"])
+    encoder.max_query_length, encoder.max_doc_length = model.max_query_length, model.max_doc_length
+    return eval_fn(encoder), "best"
 
 
 def _new_config(p: dict[str, Any], facts, tracks: list[str]) -> tuple[TrainConfig, bool, list[str]]:
@@ -410,7 +432,7 @@ def _new_config(p: dict[str, Any], facts, tracks: list[str]) -> tuple[TrainConfi
     if demo and n_negatives is None:
         n_negatives = DEMO_DEFAULTS["n_negatives"]
     for key in ("lambda_q", "lambda_d", "flops_warmup_steps", "flops_schedule", "regularizer", "distillation",
-                "distillation_weight", "scheduler", "warmup_ratio"):
+                "distillation_weight", "scheduler", "warmup_ratio", "on_collapse"):
         if p[key] is not None:
             setattr(config, key, p[key])
     if n_negatives is not None:
@@ -472,10 +494,19 @@ def _report(result: dict, log, as_json: bool) -> None:
         b, a = result["heldout_before"], result["heldout_after"]
         log("held-out retrieval     nDCG@10   MRR@10   R@100")
         log(f"  before training      {b['nDCG@10']:.4f}   {b['MRR@10']:.4f}   {b['R@100']:.4f}")
-        log(f"  after training       {a['nDCG@10']:.4f}   {a['MRR@10']:.4f}   {a['R@100']:.4f}")
+        if a is None:
+            log("  after training       not measured (the final model collapsed)")
+        else:
+            label = "after training" + (" (best)" if result["heldout_model"] == "best" else "")
+            log(f"  {label:<20} {a['nDCG@10']:.4f}   {a['MRR@10']:.4f}   {a['R@100']:.4f}")
     for label, value in result["summary"]:
         log(f"{label:<28} {value}")
-    log(f"model saved to {_shown(Path(result['final']))}")
+    if result["collapsed"]:
+        log(f"warning: the final model is a collapsed one: {result['collapsed']}")
+    log(f"model saved to {_shown(Path(result['final']))}" + (" (collapsed)" if result["collapsed"] else ""))
+    best = result["best"]
+    if best is not None:
+        log(f"best model: {_shown(Path(best['path']))} (step {best['step']}, {best['metric']} {best['value']:.4f})")
     log(f"run {result['run']}: `spladectl runs show {result['run']}`")
 
 

@@ -56,6 +56,7 @@ class RunRecord:
     peak_memory_gb: dict[str, float] = field(default_factory=dict)
     final_metrics: dict[str, float] = field(default_factory=dict)
     best_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> {"value", "step"}
+    best_model: dict[str, Any] | None = None  # RUN_DIR/best: {"path", "step", "metric", "value"}, with --eval-every
     heldout: dict[str, dict[str, float]] | None = None  # the demo's held-out quality {"before", "after"}
     git: dict[str, Any] = field(default_factory=dict)
     tracking: dict[str, Any] = field(default_factory=dict)  # where trackers mirrored the run (logdir, MLflow run id)

@@ -12,7 +12,7 @@ from typing import Any
 
 # Per-step bookkeeping, not results: left out of "final metrics".
 _BOOKKEEPING = {"step", "epoch", "lr", "grad_norm", "loss_scale", "skipped", "skipped_steps", "micro_batch",
-                "examples", "step_seconds", "examples_per_s", "memory_gb"}
+                "examples", "step_seconds", "examples_per_s", "memory_gb", "candidates", "chance_loss"}
 # Evaluation results worth comparing (the rest of an evaluation's dict is timings and counts).
 _EVAL_EXTRA = {"avg_query_dims", "avg_doc_dims", "avg_flops"}
 
@@ -54,12 +54,13 @@ def summarize(run_dir: Path, eval_metric: str = "nDCG@10", heldout: dict[str, An
 
     final_metrics: the last step's loss and its terms, λ and active dimensions, plus the last evaluation's retrieval
     metrics (the demo's held-out "after", when given, being the final model's). best_metrics: the lowest loss and
-    the best `eval_metric` seen, each with its step.
+    the best `eval_metric` seen, each with its step, leaving out evaluations of a collapsed model (--on-collapse warn
+    trains on, and saves no best model from them). best_model: RUN_DIR/best, the model of the highest such evaluation.
     """
     rows = read_jsonl(run_dir / "metrics.jsonl")
     evals = read_jsonl(run_dir / "eval.jsonl")
     out: dict[str, Any] = {"steps": 0, "examples_seen": 0, "final_metrics": {}, "best_metrics": {},
-                           "throughput": {}, "peak_memory_gb": {}}
+                           "best_model": None, "throughput": {}, "peak_memory_gb": {}}
     if rows:
         last = rows[-1]
         out["steps"] = int(last.get("step", len(rows)))
@@ -78,7 +79,11 @@ def summarize(run_dir: Path, eval_metric: str = "nDCG@10", heldout: dict[str, An
         out["peak_memory_gb"] = _peaks(rows)
     final_eval = (heldout or {}).get("after") or (evals[-1] if evals else None)
     out["final_metrics"].update(retrieval_metrics(final_eval))
-    scored = [(e[eval_metric], e.get("step")) for e in evals if _is_number(e.get(eval_metric))]
+    scored = [(e[eval_metric], e.get("step")) for e in evals
+              if _is_number(e.get(eval_metric)) and not e.get("collapsed")]
+    if scored and (run_dir / "best").is_dir():  # the trainer keeps the first highest value there
+        value, step = max(scored, key=lambda pair: pair[0])
+        out["best_model"] = {"path": str(run_dir / "best"), "step": step, "metric": eval_metric, "value": float(value)}
     if heldout and _is_number((heldout.get("after") or {}).get(eval_metric)):
         scored.append((heldout["after"][eval_metric], out["steps"]))
     if scored:
