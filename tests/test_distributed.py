@@ -156,6 +156,10 @@ def test_two_processes_train_like_one_process_with_the_global_batch(global_batch
     assert distributed_rows[1]["flops_q"] > 0  # the FLOPS term was on, and matched
     many, one = weights(root / "out" / "final"), weights(root / "single" / "out" / "final")
     for name, tensor in one.items():
+        if name.endswith("attention.self.key.bias"):
+            # Softmax ignores a shift shared by a query's scores, so these gradients are 0 up to round-off, and Adam
+            # divides round-off by its own size into lr-sized steps: the two runs' summation orders decide them.
+            continue
         torch.testing.assert_close(many[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
 
 
