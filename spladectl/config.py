@@ -26,6 +26,7 @@ class TrainConfig:
     precision: str = "32-true"
     batch_size: int = 8  # per device (per process)
     grad_accum: int = 1
+    grad_cache_chunk: int | None = None  # encode each micro-batch in chunks of this many texts (gradient caching)
     world_size: int = 1  # training processes, set by torchrun (WORLD_SIZE)
     tf32: bool = False
     gradient_checkpointing: bool = False

@@ -12,6 +12,9 @@ size to make their sum the gradient of the global loss: the update one process w
 
 After each step the metrics go to a collapse detector (collapse.py); --on-collapse says whether a collapsed run stops,
 goes back to a snapshot of a healthy step with half the learning rate, or only warns.
+
+Gradient caching (`grad_cache_chunk`, see `Trainer._cached_backward`) computes the same gradient in two passes over
+chunks of texts, so that activation memory is bounded by a chunk rather than by the micro-batch.
 """
 
 from __future__ import annotations
@@ -78,6 +81,15 @@ class TrainState:
         return distributed.gather_objects(obj) if self.world_size > 1 else [obj]
 
 
+def _check_grad_cache(config: TrainConfig) -> None:
+    chunk = config.grad_cache_chunk
+    if chunk is None:
+        return
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise SpladectlError(f"--grad-cache-chunk (grad_cache_chunk): expected a number of texts >= 1, got {chunk!r}",
+                             hint="leave it unset to encode each micro-batch at once")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -93,14 +105,16 @@ def plan_steps(config: TrainConfig, n_examples: int) -> tuple[int, int]:
 
 
 class _PairEncoder(torch.nn.Module):
-    """Queries and documents in one forward call, the unit DistributedDataParallel expects per backward."""
+    """Everything encoded before one backward in one forward call, the unit DistributedDataParallel expects:
+    `forward(ids, mask, ids, mask, ...)` → one representation per (ids, mask) pair. A plain step passes queries and
+    documents together; gradient caching passes one chunk of texts at a time."""
 
     def __init__(self, encoder: SpladeEncoder):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, query_ids, query_mask, doc_ids, doc_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encoder(query_ids, query_mask), self.encoder(doc_ids, doc_mask)
+    def forward(self, *pairs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.encoder(ids, mask) for ids, mask in zip(pairs[::2], pairs[1::2]))
 
 
 class Trainer:
@@ -120,6 +134,7 @@ class Trainer:
         if config.world_size != self.world.world_size:
             raise SpladectlError(f"world_size: the configuration says {config.world_size} process(es), and this run "
                                  f"has {self.world.world_size}")
+        _check_grad_cache(config)
         self.config = config
         self.examples = examples
         self.pm = pm
@@ -147,6 +162,10 @@ class Trainer:
             # The documents tensor must be rectangular; cycling a single negative would only repeat it.
             self.log(f"note: using {min_negatives} hard negative(s) per example (the data has no more for some rows)")
             config.n_negatives = min_negatives
+        texts = config.batch_size * (1 + config.n_negatives)
+        if config.grad_cache_chunk is not None and config.grad_cache_chunk >= texts:
+            self.log(f"note: --grad-cache-chunk {config.grad_cache_chunk} is not below the {texts} documents of a "
+                     f"micro-batch: every text is encoded twice and no memory is saved")
         self.collator = Collator(model.tokenizer, n_negatives=config.n_negatives, seed=config.seed,
                                  max_query_length=config.max_query_length, max_doc_length=config.max_doc_length)
         steps_per_epoch, total = plan_steps(config, len(examples))
@@ -262,30 +281,82 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- the step
     def _forward_backward(self, batches: list[MicroBatch]) -> dict[str, torch.Tensor]:
         """Accumulate the gradients of one optimizer step; returns its loss terms and sparsity, still on device."""
-        s, c = self.state, self.config
-        world_size = self.world.world_size
-        groups = 1 if c.cross_device_negatives else world_size
+        # Each micro-batch's share of the step's loss; the world size is explained in the module's docstring.
+        share = self.world.world_size / len(batches)
+        backward = self._cached_backward if self.config.grad_cache_chunk else self._plain_backward
         totals: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
-            batch = batch.to(self.device)
             # Gradients are all-reduced once per optimizer step, on its last micro-batch.
-            with distributed.synchronising(self.encoder, sync=i == len(batches) - 1):
-                with self.autocast():
-                    query, docs = self.encoder(batch.query_ids, batch.query_mask, batch.doc_ids, batch.doc_mask)
-                inputs = self._loss_inputs(query.float(), docs.float(), batch)
-                ranking = dict(in_batch=c.in_batch_negatives, groups=groups)
-                terms = {"ranking": contrastive_loss(inputs, **ranking)}
-                for plugin_terms in self.pm.hook.loss_terms(inputs=inputs, state=s):
-                    for name, value in (plugin_terms or {}).items():
-                        terms[name] = terms[name] + value if name in terms else value
-                loss = sum(terms.values())
-                s.scaler.scale(loss * world_size / len(batches)).backward()
-            chance, candidates = chance_loss(inputs, **ranking)
+            inputs, loss, terms = backward(batch.to(self.device), share=share, sync=i == len(batches) - 1)
+            chance, candidates = chance_loss(inputs, **self._ranking_options())
             logged = {"loss": loss, **terms, "query_dims": _active(inputs.query), "doc_dims": _active(inputs.documents),
                       "chance_loss": chance, "candidates": candidates}
             for name, value in logged.items():
                 totals[name] = totals.get(name, 0.0) + value.detach() / len(batches)
         return totals
+
+    def _plain_backward(self, batch: MicroBatch, *, share: float, sync: bool):
+        """Encode the micro-batch with its graph and back-propagate `share` × its loss: (inputs, loss, terms)."""
+        with distributed.synchronising(self.encoder, sync=sync):
+            with self.autocast():
+                query, docs = self.encoder(batch.query_ids, batch.query_mask, batch.doc_ids, batch.doc_mask)
+            inputs = self._loss_inputs(query.float(), docs.float(), batch)
+            loss, terms = self._loss(inputs)
+            self.state.scaler.scale(loss * share).backward()
+        return inputs, loss, terms
+
+    def _cached_backward(self, batch: MicroBatch, *, share: float, sync: bool):
+        """`_plain_backward`'s gradient with the activations of one chunk of texts alive at a time (gradient caching,
+        Gao et al. 2021).
+
+        Why: the plain step keeps every text's activations until its backward, so its memory grows with the
+        micro-batch, and splitting the micro-batch (accumulation) takes in-batch negatives away. The loss needs only
+        the representations (B × V each), not the activations behind them: so they are computed chunk by chunk
+        without a graph, the full loss over them is back-propagated only as far as them, and then each chunk is
+        encoded again with its graph and back-propagated with its slice of those gradients. Activation memory then
+        scales with the chunk, not the batch, for one extra forward pass. Dropout must draw the same masks in both
+        passes, so each chunk's second pass starts from the random state its first pass started from.
+        """
+        chunk = self.config.grad_cache_chunk
+        pieces = [*zip(batch.query_ids.split(chunk), batch.query_mask.split(chunk)),
+                  *zip(batch.doc_ids.split(chunk), batch.doc_mask.split(chunk))]
+        rng_states, reps = [], []
+        # Straight to the model, not through DDP: a pass without a graph has no gradients to synchronise.
+        with torch.no_grad(), self.autocast():
+            for ids, mask in pieces:
+                rng_states.append(_rng_state(self.device))
+                reps.append(self.state.model(ids, mask).float())
+        n_query = -(-batch.query_ids.shape[0] // chunk)
+        query, docs = torch.cat(reps[:n_query]).requires_grad_(), torch.cat(reps[n_query:]).requires_grad_()
+        reps.clear()  # one copy of the batch's representations is enough
+        inputs = self._loss_inputs(query, docs, batch)  # in a distributed run, only the local rows are these leaves
+        loss, terms = self._loss(inputs)
+        # Scaled as the plain step scales its loss, so 16-mixed sees the same (scaled) gradients.
+        query_grad, docs_grad = torch.autograd.grad(self.state.scaler.scale(loss * share), (query, docs),
+                                                    allow_unused=True, materialize_grads=True)
+        grads = [*query_grad.split(chunk), *docs_grad.split(chunk)]
+        last = len(pieces) - 1
+        for k, ((ids, mask), rng, grad) in enumerate(zip(pieces, rng_states, grads)):
+            # DDP accumulates locally until the step's very last re-encoding, whose backward all-reduces the sum.
+            with distributed.synchronising(self.encoder, sync=sync and k == last):
+                _set_rng_state(self.device, rng)
+                with self.autocast():
+                    (rep,) = self.encoder(ids, mask)
+                torch.autograd.backward(rep.float(), grad)
+        return inputs, loss, terms
+
+    def _loss(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The micro-batch's loss and its named terms: the ranking loss and every plugin's terms."""
+        terms = {"ranking": contrastive_loss(inputs, **self._ranking_options())}
+        for plugin_terms in self.pm.hook.loss_terms(inputs=inputs, state=self.state):
+            for name, value in (plugin_terms or {}).items():
+                terms[name] = terms[name] + value if name in terms else value
+        return sum(terms.values()), terms
+
+    def _ranking_options(self) -> dict[str, Any]:
+        """Which documents a query is ranked against: in-batch or its own, across devices or within its own."""
+        groups = 1 if self.config.cross_device_negatives else self.world.world_size
+        return {"in_batch": self.config.in_batch_negatives, "groups": groups}
 
     def _loss_inputs(self, query: torch.Tensor, docs: torch.Tensor, batch: MicroBatch) -> LossInputs:
         """The loss's view of a micro-batch: this process's examples, or in a distributed run every process's."""
@@ -525,6 +596,19 @@ def _scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, facto
             group["initial_lr"] *= factor
     if hasattr(scheduler, "base_lrs"):
         scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The generators dropout draws from on `device`: the CPU's, and the accelerator's own on CUDA or MPS."""
+    accelerator = getattr(torch, device.type) if device.type in ("cuda", "mps") else None
+    return torch.get_rng_state(), accelerator.get_rng_state(device) if accelerator is not None else None
+
+
+def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    cpu, own = state
+    torch.set_rng_state(cpu)
+    if own is not None:
+        getattr(torch, device.type).set_rng_state(own, device)
 
 
 def _active(reps: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,15 @@ class NoDropout:
         state.model.eval()
 
 
+class PlainSGD:
+    """SGD, whose update is the gradient itself: Adam's first steps are about each gradient element's sign, which
+    turns rounding noise in gradients that are zero but for it (the attention key biases) into visible differences."""
+
+    @hookimpl
+    def make_optimizer(self, model, state):
+        return torch.optim.SGD(model.parameters(), lr=0.05)
+
+
 class RankProbe:
     """Writes what each process's plugins see of the run to $SPLADECTL_TEST_PROBE_DIR/rank-R.json."""
 

@@ -53,6 +53,7 @@ def train(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps (overrides --epochs)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Examples per micro-batch per device (default: from the profile)."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", min=1, help="Micro-batches per optimizer step (default: from the profile)."),
+    grad_cache_chunk: Optional[int] = typer.Option(None, "--grad-cache-chunk", help="Gradient caching: encode each micro-batch in chunks of N texts, so memory follows N while the loss (and its in-batch negatives) covers the whole --batch-size."),
     precision: Optional[str] = typer.Option(None, "--precision", help="32-true, 16-mixed or bf16-mixed (aliases fp32, fp16, bf16); default from the profile."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, mps or cpu; falls back with a reason when unavailable."),
     force_device: Optional[str] = typer.Option(None, "--force-device", help="Use exactly this device or fail (exit 2)."),
@@ -333,7 +334,8 @@ def _train(params: dict[str, Any], run, *, pm, facts, source, tracks, checkpoint
     for line in settings:
         log(f"  {line}")
     log(f"  examples {len(examples)}, {effective_batch_text(config)}, epochs {config.epochs}"
-        + (f", max steps {config.max_steps}" if config.max_steps else ""))
+        + (f", max steps {config.max_steps}" if config.max_steps else "")
+        + (f", encoded in chunks of {config.grad_cache_chunk} texts" if config.grad_cache_chunk else ""))
 
     from spladectl.engine import Trainer
 
@@ -427,6 +429,7 @@ def _new_config(p: dict[str, Any], facts, tracks: list[str]) -> tuple[TrainConfi
         memory_tracking=p["memory_tracking"], track=tracks, eval_data=p["eval_data"], eval_split=p["eval_split"],
         eval_every=p["eval_every"], eval_metric=p["eval_metric"], early_stopping_patience=p["patience"],
         in_batch_negatives=p["in_batch_negatives"], cross_device_negatives=p["cross_device_negatives"],
+        grad_cache_chunk=p["grad_cache_chunk"],
     )
     n_negatives = p["n_negatives"]
     if demo and n_negatives is None:
