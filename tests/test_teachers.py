@@ -125,6 +125,8 @@ def test_score_examples_bm25_and_ensemble(tmp_path: Path, tiny) -> None:
     bm25 = score_examples(examples, [Member("bm25:nostem")], s)
     assert bm25[0][0] > max(bm25[0][1:]) and bm25[1][0] > max(bm25[1][1:])
     assert bm25[0][1] == 0.0  # no shared word
+    # a query of stopwords only has no term to match: zeros, not a crash
+    assert score_examples([Example("what is it", "the cat sat", ["aspirin heart"])], [Member("bm25")], s) == [[0, 0]]
     model = score_examples(examples, [Member("splade-tiny")], s)
     q = encode_sparse(tiny, ["statins cholesterol"], max_length=64)
     d = encode_sparse(tiny, ["statins lower cholesterol", "the cat sat", "aspirin heart"], max_length=64)

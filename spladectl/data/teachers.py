@@ -103,6 +103,9 @@ class DocumentScorer:
                 tokens = bm25s.tokenize(chunk, stopwords="en", stemmer=self._bm25._stemmer, return_ids=False,
                                         show_progress=False)
                 for words in tokens:
+                    if not words:  # only stopwords (e.g. "what is it"): no term to match, every document scores 0
+                        yield np.zeros(self.n_docs, dtype=np.float32)
+                        continue
                     yield np.asarray(self._bm25._retriever.get_scores(words), dtype=np.float32)
             else:
                 encoded = encode_cached(self._encoder, chunk, self.settings.max_query_length, self.settings,
