@@ -35,3 +35,27 @@ def toy_beir(tmp_path):
 def _private_user_cache(tmp_path, monkeypatch):
     """Keep the ~/.cache fallback of mining caches inside each test's tmp_path."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+
+
+@pytest.fixture
+def pm():
+    """The plugin manager with every built-in plugin (and installed ones), as `spladectl train` builds it."""
+    from spladectl.plugins import load_plugins
+
+    return load_plugins()
+
+
+@pytest.fixture
+def registered(pm):
+    """Register plugin objects for one test and always unregister them: `registered(plugin)` returns the plugin."""
+    added = []
+
+    def add(plugin):
+        pm.register(plugin)
+        added.append(plugin)
+        return plugin
+
+    yield add
+    for plugin in added:
+        if pm.is_registered(plugin):
+            pm.unregister(plugin)

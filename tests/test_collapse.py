@@ -15,7 +15,6 @@ from spladectl.collapse import CHANCE_MARGIN, CollapseDetector, check_policy, si
 from spladectl.engine import Trainer
 from spladectl.errors import CollapseError, SpladectlError
 from spladectl.hookspecs import hookimpl
-from spladectl.plugins import load_plugins
 
 from tiny import config, examples, metrics_rows, write_eval_beir, write_jsonl
 
@@ -100,24 +99,6 @@ CLI_COLLAPSING = ["--lambda-q", "10", "--lambda-d", "10", "--flops-warmup-steps"
                   "--no-progress"]
 
 
-@pytest.fixture
-def pm():
-    return load_plugins()
-
-
-@pytest.fixture
-def registered(pm):
-    added = []
-
-    def add(plugin):
-        pm.register(plugin)
-        added.append(plugin)
-        return plugin
-
-    yield add
-    for plugin in added:
-        if pm.is_registered(plugin):
-            pm.unregister(plugin)
 
 
 def error_line(output: str) -> str:
@@ -135,7 +116,7 @@ def test_stop_ends_the_run_with_what_to_change_and_no_final_model(cli, tmp_path)
     assert "Traceback" not in result.output
     line = error_line(result.output)
     assert re.search(r"collapsed at step \d+: query representations average 0\.00 active dimensions", line), line
-    assert "no final model was written" in line and f"the best model (step 1, nDCG@10" in line
+    assert "no final model was written" in line and "the best model (step 1, nDCG@10" in line
     assert str(out / "best") in line
     assert "--lr (now 0.001)" in result.output and "--lambda-q/--lambda-d (now 10/10)" in result.output
     assert "--flops-warmup-steps (now 0)" in result.output

@@ -9,30 +9,10 @@ import torch
 
 from spladectl.engine import Trainer
 from spladectl.hookspecs import hookimpl
-from spladectl.plugins import load_plugins
 
 from tiny import config, examples
 
 
-@pytest.fixture
-def pm():
-    return load_plugins()
-
-
-@pytest.fixture
-def registered(pm):
-    """Register plugin objects for one test and always unregister them."""
-    added = []
-
-    def add(plugin):
-        pm.register(plugin)
-        added.append(plugin)
-        return plugin
-
-    yield add
-    for plugin in added:
-        if pm.is_registered(plugin):
-            pm.unregister(plugin)
 
 
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:

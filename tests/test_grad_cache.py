@@ -31,24 +31,6 @@ TOLERANCE = {"32-true": (1e-5, 1e-6), "bf16-mixed": (2e-2, 2e-2), "16-mixed": (3
 NOISE_FLOOR = 1e-9
 
 
-@pytest.fixture
-def pm():
-    return load_plugins()
-
-
-@pytest.fixture
-def registered(pm):
-    """Register plugin objects for one test (the manager is the process's one) and always unregister them."""
-    added = []
-
-    def add(plugin):
-        pm.register(plugin)
-        added.append(plugin)
-
-    yield add
-    for plugin in added:
-        if pm.is_registered(plugin):
-            pm.unregister(plugin)
 
 
 class ChunksInOneGraph(torch.nn.Module):
