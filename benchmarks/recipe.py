@@ -2,7 +2,7 @@
 `spladectl data mine`, `data score`, `train` and `eval` commands. Results go to WORK/results.jsonl and a markdown table.
 
     python benchmarks/recipe.py dev  --data ../shared/data/scifact --seeds 1 2 3            # tune on a carved dev
-    python benchmarks/recipe.py dev  --data ../shared/data/scifact --ablations no-distill bm25-negatives
+    python benchmarks/recipe.py dev  --data ../shared/data/scifact --ablations distill bm25-negatives
     python benchmarks/recipe.py test --data ../shared/data/scifact --seeds 1 2 3            # once, at the end
 
 `dev` carves 20% of the train queries (by a SHA-1 of their ids, as benchmarks/scifact.py does) into a dev split, runs
@@ -10,7 +10,8 @@ the recipe on the other 80% and evaluates dev; it never reads the test qrels. `t
 query and evaluates test, beside zero-shot splade-tiny and both BM25 rows from one `spladectl eval --baseline` call.
 A finished step (mined file, scored file, trained model, evaluation) is reused when run again.
 
-Ablations change one lever of the recipe each (see ABLATIONS), to show what it contributes.
+Ablations change one lever of the recipe each (see ABLATIONS), to show what it contributes, or what one it leaves
+out would have.
 """
 
 from __future__ import annotations
@@ -28,20 +29,26 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from scifact import carve_dev  # noqa: E402
 
-DEFAULT_RECIPE = HERE.parent / "recipes" / "beir-distill.toml"
+DEFAULT_RECIPE = HERE.parent / "recipes" / "beir.toml"
 DEFAULT_WORK = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spladectl" / "recipe-benchmark"
 
 
-def _no_distill(r):
-    r.pop("score")
+TEACHER = {"teacher": ["splade-tiny=0.4", "bm25:stem=0.6"], "max-doc-length": 512}
+
+
+def _distill(r):
+    """Add the ensemble's scores and MarginMSE (in splade-tiny's units, so margins compare)."""
+    r["score"] = dict(TEACHER)
+    r["train"]["distillation"] = "margin-mse"
+
+
+def _distill_kl(r):
+    r["score"] = dict(TEACHER)
+    r["train"]["distillation"] = "kl"
 
 
 def _bm25_negatives(r):
     r["mine"]["rank-by"] = ["bm25:stem"]
-
-
-def _kl(r):
-    r["train"]["distillation"] = "kl"
 
 
 def _flops(r):
@@ -49,13 +56,12 @@ def _flops(r):
 
 
 def _previous(r):
-    """The recipe before this one: BM25 (unstemmed) negatives, no teacher, 1 epoch of SciFact."""
-    r.pop("score")
+    """The recipe before this one: BM25 (unstemmed) negatives, 1 epoch of SciFact."""
     r["mine"] = {"rank-by": ["bm25:nostem"], "k": 50, "max-positives": r["mine"].get("max-positives")}
     r["train"]["max-steps"] = r["train"]["max-steps"] // 2
 
 
-ABLATIONS = {"no-distill": _no_distill, "bm25-negatives": _bm25_negatives, "kl": _kl, "flops": _flops,
+ABLATIONS = {"distill": _distill, "distill-kl": _distill_kl, "bm25-negatives": _bm25_negatives, "flops": _flops,
              "previous": _previous}
 
 
