@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import typer
 
@@ -77,7 +77,8 @@ def mine_command(
         raise SpladectlError(f"--sample-from {sample_from}: must be at least --k ({k})")
     started = time.perf_counter()
     dataset = load_beir(data, split)
-    members = parse_members([model] if model else rank_by or [], "--rank-by") if (model or rank_by) else None
+    specs = [model] if model else rank_by
+    members = parse_members(specs, "--rank-by") if specs else None
     if members is None and not skip_top and sample_from is None:
         negatives = cached_hard_negatives(data, split, k, cache_dir=cache_dir, stem=stem, show_progress=progress,
                                           dataset=dataset)
@@ -85,16 +86,13 @@ def mine_command(
     else:
         from spladectl.data.teachers import Member
 
-        members = members or [Member("bm25" if stem is None else "bm25:stem" if stem else "bm25:nostem")]
+        members = members or [Member(bm25.variant(stem))]
         settings = _encode_settings(precision, max_query_length, max_doc_length, cache_dir, progress)
         negatives = mine_with_teacher(dataset, members, k, skip_top=skip_top, sample_from=sample_from, seed=seed,
                                       settings=settings)
         ranker = describe(members) + (f", skip top {skip_top}" if skip_top else "") + \
             (f", {k} sampled from the next {sample_from}" if sample_from else "")
-    try:
-        rows = _write_mined(out, dataset, negatives, progress, max_positives)
-    except OSError as exc:
-        raise SpladectlError(f"--out: cannot write {out} ({exc.strerror or exc})") from exc
+    rows = _write_jsonl(out, _mined_records(dataset, negatives, progress, max_positives))
     counts = [len(v) for v in negatives.values()]
     summary = {
         "out": str(out),
@@ -120,32 +118,24 @@ def mine_command(
         )
 
 
-def _write_mined(out: Path, dataset, negatives: dict[str, list[str]], progress: bool,
-                 max_positives: int | None = None) -> int:
-    """One seed-format line per (query, positive) pair, with ids; returns the number of lines."""
+def _mined_records(dataset, negatives: dict[str, list[str]], progress: bool,
+                   max_positives: int | None = None) -> Iterator[dict[str, Any]]:
+    """One seed-format record per (query, positive) pair, with ids."""
     from tqdm.auto import tqdm
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    rows = 0
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for qid in tqdm(dataset.queries, desc="writing", unit="query", disable=not progress, leave=False):
-            negative_ids = negatives.get(qid, [])
-            grades = dataset.qrels.get(qid, {})
-            positives = sorted(dataset.positives(qid), key=lambda d: -grades.get(d, 1))[:max_positives]
-            for doc_id in positives:
-                record = {
-                    "query_id": qid,
-                    "query": dataset.queries[qid],
-                    "positive_id": doc_id,
-                    "positive_document": dataset.corpus[doc_id],
-                    "negative_ids": negative_ids,
-                    "negative_documents": [dataset.corpus[d] for d in negative_ids],
-                }
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                rows += 1
-    tmp.replace(out)  # a half-written file never takes the name of a finished one
-    return rows
+    for qid in tqdm(dataset.queries, desc="writing", unit="query", disable=not progress, leave=False):
+        negative_ids = negatives.get(qid, [])
+        grades = dataset.qrels.get(qid, {})
+        positives = sorted(dataset.positives(qid), key=lambda d: -grades.get(d, 1))[:max_positives]
+        for doc_id in positives:
+            yield {
+                "query_id": qid,
+                "query": dataset.queries[qid],
+                "positive_id": doc_id,
+                "positive_document": dataset.corpus[doc_id],
+                "negative_ids": negative_ids,
+                "negative_documents": [dataset.corpus[d] for d in negative_ids],
+            }
 
 
 @data_app.command("validate")
@@ -230,7 +220,7 @@ def score_command(
 
     Training on the written file adds the distillation term (MarginMSE by default, or KL) to the ranking loss.
     """
-    from spladectl.data import load_corpus, load_training_data
+    from spladectl.data import detect_format, load_corpus, load_training_data
     from spladectl.data.examples import iter_records
     from spladectl.data.teachers import describe, parse_members, score_examples
 
@@ -245,7 +235,7 @@ def score_command(
     for example, values in zip(examples, scores):
         example.teacher_scores = values
     records = list(iter_records(examples))
-    if detect_jsonl(data):  # keep ids and other fields the input carried
+    if detect_format(data) == "jsonl":  # keep ids and other fields the input carried
         from spladectl.data._io import iter_jsonl
 
         for record, (_, original) in zip(records, iter_jsonl(data)):
@@ -261,23 +251,21 @@ def score_command(
                    f"{summary['seconds']:.1f} s")
 
 
-def detect_jsonl(path: Path) -> bool:
-    from spladectl.data.loading import detect_format
-
-    return detect_format(path) == "jsonl"
-
-
-def _write_jsonl(out: Path, records: list[dict]) -> None:
+def _write_jsonl(out: Path, records: Iterable[dict[str, Any]]) -> int:
+    """Write one JSON object a line to `out` through a temporary file; returns the number of lines."""
     tmp = out.with_name(f".{out.name}.tmp")
+    rows = 0
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as handle:
             for record in records:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                rows += 1
         tmp.replace(out)  # a half-written file never takes the name of a finished one
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise SpladectlError(f"--out: cannot write {out} ({exc.strerror or exc})") from exc
+    return rows
 
 
 def _encode_settings(precision, max_query_length, max_doc_length, cache_dir, progress):

@@ -97,11 +97,10 @@ def eval_command(
         _print_table(rows, f"{data} · {split} · {len(dataset.queries)} queries · {len(dataset.corpus)} documents")
 
 
-BASELINES = {"bm25": None, "bm25:stem": True, "bm25:nostem": False}
-
-
 def _parse_baselines(text: str | None, bm25_stem: bool | None) -> dict[str, bool | None]:
     """Row name -> BM25 stemming, in the order given; plain `bm25` follows --bm25-stem."""
+    from spladectl.data.bm25 import VARIANTS as BASELINES
+
     out: dict[str, bool | None] = {}
     for name in filter(None, (part.strip().lower() for part in (text or "").split(","))):
         if name not in BASELINES:

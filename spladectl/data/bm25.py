@@ -8,7 +8,7 @@ Stemming changes results (SciFact test nDCG@10: 0.662 without, 0.686 with), so e
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -32,6 +32,15 @@ def stemmer(stem: bool | None = None):
 
         raise SpladectlError("BM25 stemming needs PyStemmer", hint="pip install PyStemmer")
     return found
+
+
+# The names commands take for BM25 (`eval --baseline`, `data mine --rank-by`, `data score --teacher`) -> stemming.
+VARIANTS = {"bm25": None, "bm25:stem": True, "bm25:nostem": False}
+
+
+def variant(stem: bool | None) -> str:
+    """The name of VARIANTS that stems as `stem` says."""
+    return next(name for name, value in VARIANTS.items() if value is stem)
 
 
 def describe(stem: bool | None = None) -> str:
@@ -61,13 +70,23 @@ class BM25:
         Queries are tokenised to strings, not ids: bm25s then drops words the corpus never uses, and a query left with
         no words scores every document 0 instead of failing.
         """
-        import bm25s
-
         k = min(k, len(self.doc_ids))
         if not queries or k == 0:
             return np.zeros((len(queries), 0), dtype=np.int64), np.zeros((len(queries), 0), dtype=np.float32)
-        tokens = bm25s.tokenize(
-            list(queries), stopwords="en", stemmer=self._stemmer, return_ids=False, show_progress=False
-        )
+        tokens = self._query_tokens(queries)
         indices, scores = self._retriever.retrieve(tokens, k=k, show_progress=show_progress, n_threads=1)
         return np.asarray(indices, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+
+    def scores(self, queries: Sequence[str]) -> Iterator[np.ndarray]:
+        """Each query's score of every document, (corpus size,) float32, in document order."""
+        for words in self._query_tokens(queries):
+            if not words:  # only stopwords (e.g. "what is it"): no term to match, every document scores 0
+                yield np.zeros(len(self.doc_ids), dtype=np.float32)
+            else:
+                yield np.asarray(self._retriever.get_scores(words), dtype=np.float32)
+
+    def _query_tokens(self, queries: Sequence[str]) -> list[list[str]]:
+        import bm25s
+
+        return bm25s.tokenize(list(queries), stopwords="en", stemmer=self._stemmer, return_ids=False,
+                              show_progress=False)

@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import json
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from spladectl.data import bm25
 from spladectl.data.beir import BeirDataset, load_beir, qrels_path
@@ -44,12 +45,15 @@ def mine_hard_negatives(
     indices, _ = index.search([dataset.queries[q] for q in query_ids], depth, show_progress=show_progress)
     negatives: dict[str, list[str]] = {}
     for qid, row in zip(query_ids, indices):
-        positives = set(dataset.positives(qid))
-        positive_texts = {dataset.corpus[d] for d in positives}
-        candidates = (doc_ids[i] for i in row)
-        kept = (d for d in candidates if d not in positives and dataset.corpus[d] not in positive_texts)
-        negatives[qid] = list(itertools.islice(kept, k))
+        negatives[qid] = list(itertools.islice(_not_positive(dataset, qid, (doc_ids[i] for i in row)), k))
     return negatives
+
+
+def _not_positive(dataset: BeirDataset, query_id: str, ranked: Iterable[str]) -> Iterator[str]:
+    """`ranked` without the query's positives and the documents whose text equals a positive's."""
+    positives = set(dataset.positives(query_id))
+    positive_texts = {dataset.corpus[d] for d in positives}
+    return (d for d in ranked if d not in positives and dataset.corpus[d] not in positive_texts)
 
 
 def cached_hard_negatives(
@@ -141,11 +145,8 @@ def mine_with_teacher(
     for qid, rows in zip(query_ids, zip(*(s.rows(queries) for s in scorers))):
         tops = [np.argpartition(-row, depth - 1)[:depth] for row in rows]
         fused = teachers.ensemble(rows, [m.weight for m in members], reference=np.unique(np.concatenate(tops)))
-        positives = set(dataset.positives(qid))
-        positive_texts = {dataset.corpus[d] for d in positives}
         ranked = (doc_ids[i] for i in np.lexsort((np.arange(len(fused)), -fused)))
-        kept = (d for d in ranked if d not in positives and dataset.corpus[d] not in positive_texts)
-        candidates = list(itertools.islice(kept, skip_top + window))[skip_top:]
+        candidates = list(itertools.islice(_not_positive(dataset, qid, ranked), skip_top + window))[skip_top:]
         if sample_from and len(candidates) > k:
             rng = np.random.default_rng([seed, int(hashlib.sha1(qid.encode()).hexdigest()[:8], 16)])
             candidates = [candidates[i] for i in sorted(rng.choice(len(candidates), k, replace=False))]

@@ -19,10 +19,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from spladectl.data import bm25
 from spladectl.errors import SpladectlError
-
-BM25_NAMES = {"bm25": None, "bm25:stem": True, "bm25:nostem": False}
-
 
 @dataclass(frozen=True)
 class Member:
@@ -33,7 +31,7 @@ class Member:
 
     @property
     def is_bm25(self) -> bool:
-        return self.name in BM25_NAMES
+        return self.name in bm25.VARIANTS
 
 
 def parse_members(specs: Sequence[str], option: str = "--teacher") -> list[Member]:
@@ -81,10 +79,8 @@ class DocumentScorer:
         self.member, self.settings = member, settings
         self.n_docs = len(documents)
         if member.is_bm25:
-            from spladectl.data import bm25
-
             self._bm25 = bm25.BM25([str(i) for i in range(len(documents))], documents,
-                                   stem=BM25_NAMES[member.name], show_progress=settings.show_progress)
+                                   stem=bm25.VARIANTS[member.name], show_progress=settings.show_progress)
         else:
             from spladectl.model import SpladeEncoder
 
@@ -98,18 +94,10 @@ class DocumentScorer:
         for start in range(0, len(queries), block):
             chunk = list(queries[start:start + block])
             if self.member.is_bm25:
-                import bm25s
-
-                tokens = bm25s.tokenize(chunk, stopwords="en", stemmer=self._bm25._stemmer, return_ids=False,
-                                        show_progress=False)
-                for words in tokens:
-                    if not words:  # only stopwords (e.g. "what is it"): no term to match, every document scores 0
-                        yield np.zeros(self.n_docs, dtype=np.float32)
-                        continue
-                    yield np.asarray(self._bm25._retriever.get_scores(words), dtype=np.float32)
+                yield from self._bm25.scores(chunk)
             else:
-                encoded = encode_cached(self._encoder, chunk, self.settings.max_query_length, self.settings,
-                                        desc="encoding queries", cache=False)
+                encoded = _encode(self._encoder, chunk, self.settings.max_query_length, self.settings,
+                                  desc="encoding queries")
                 yield from np.asarray((encoded @ self._inverted).todense(), dtype=np.float32)
 
 
@@ -133,22 +121,21 @@ def ensemble(scores: Sequence[np.ndarray], weights: Sequence[float], reference: 
     return (fused * (spread if spread > 0 else 1.0) + mean).astype(np.float32)
 
 
-def encode_cached(encoder, texts: Sequence[str], max_length: int, settings: EncodeSettings, *, desc: str,
-                  cache: bool = True) -> sp.csr_matrix:
+def _encode(encoder, texts: Sequence[str], max_length: int, settings: EncodeSettings, *, desc: str) -> sp.csr_matrix:
+    from spladectl.evaluate import encode_sparse
+
+    return encode_sparse(encoder, texts, max_length=max_length, batch_size=settings.batch_size,
+                         precision=settings.precision, device=settings.device, show_progress=settings.show_progress,
+                         desc=desc)
+
+
+def encode_cached(encoder, texts: Sequence[str], max_length: int, settings: EncodeSettings, *,
+                  desc: str) -> sp.csr_matrix:
     """SPLADE vectors of `texts` (CSR, rows in order), reusing vectors this model encoded before with these settings.
 
     The cache is keyed by the model's weights file, the length, the precision and each text's hash, so mining and
     scoring the same corpus encode it once. It lives in settings.cache_dir, else ~/.cache/spladectl/vectors.
     """
-    from spladectl.evaluate import encode_sparse
-
-    def encode(batch: Sequence[str]) -> sp.csr_matrix:
-        return encode_sparse(encoder, batch, max_length=max_length, batch_size=settings.batch_size,
-                             precision=settings.precision, device=settings.device, show_progress=settings.show_progress,
-                             desc=desc)
-
-    if not cache:
-        return encode(texts)
     from spladectl.data.cache import atomic_write, user_cache_dir
 
     directory = Path(settings.cache_dir or user_cache_dir() / "vectors") / _model_key(encoder, max_length, settings)
@@ -165,7 +152,7 @@ def encode_cached(encoder, texts: Sequence[str], max_length: int, settings: Enco
         known.update({h: (matrix, row) for row, h in enumerate(shard_hashes)})
     missing = sorted({h: i for i, h in enumerate(hashes) if h not in known}.values())
     if missing:
-        fresh = encode([texts[i] for i in missing])
+        fresh = _encode(encoder, [texts[i] for i in missing], max_length, settings, desc=desc)
         fresh_hashes = np.asarray([hashes[i] for i in missing])
 
         def write(handle) -> None:
