@@ -106,7 +106,8 @@ def train_run(data: Path, split: str, out: Path, *, precision: str, settings: di
     from spladectl.config import TrainConfig
     from spladectl.data import load_training_data
     from spladectl.engine import Trainer
-    from spladectl.evaluate import evaluate_encoder, load_beir
+    from spladectl.data.beir import load_beir
+    from spladectl.evaluate import evaluate_encoder
     from spladectl.plugins import load_plugins
 
     settings = dict(settings)
@@ -134,7 +135,8 @@ def train_run(data: Path, split: str, out: Path, *, precision: str, settings: di
 
 
 def tune(args):
-    from spladectl.evaluate import evaluate_encoder, load_beir
+    from spladectl.data.beir import load_beir
+    from spladectl.evaluate import evaluate_encoder
     from spladectl.model import SpladeEncoder
 
     dev_dir = carve_dev(args.data, args.work)
@@ -169,7 +171,8 @@ def tune(args):
 
 
 def final(args) -> None:
-    from spladectl.evaluate import bm25_baseline, evaluate_encoder, load_beir
+    from spladectl.data.beir import load_beir
+    from spladectl.evaluate import bm25_baseline, evaluate_encoder
     from spladectl.model import SpladeEncoder
 
     test = load_beir(args.data, "test")

@@ -38,7 +38,7 @@ from spladectl.config import TrainConfig
 from spladectl.data import Example
 from spladectl.distributed import World
 from spladectl.errors import CollapseError, SpladectlError
-from spladectl.losses import LossInputs, chance_loss, contrastive_loss
+from spladectl.losses import LossInputs, chance_loss, contrastive_loss, flops_warmup_steps
 from spladectl.model import SpladeEncoder
 from spladectl.precision import autocast_dtype, low_precision_matmuls
 
@@ -572,8 +572,6 @@ class Trainer:
         return _open_metrics(self.output_dir / "metrics.jsonl", resumed_at=self.state.step)
 
     def _collapse_error(self, found: collapse.Collapse) -> CollapseError:
-        from spladectl.default_plugins.flops import warmup_steps
-
         c = self.config
         tried = f" after {self.backoffs} backoff(s) with a halved learning rate" if self.backoffs else ""
         message = f"{found.describe()}{tried}; no final model was written"
@@ -582,7 +580,7 @@ class Trainer:
             message += (f"; the best model (step {best['step']}, {best['metric']} {best['value']:.4f}) is in "
                         f"{best['path']}")
         hint = (f"lower --lr (now {c.lr:g}), lower --lambda-q/--lambda-d (now {c.lambda_q:g}/{c.lambda_d:g}), or "
-                f"lengthen --flops-warmup-steps (now {warmup_steps(self.state)})")
+                f"lengthen --flops-warmup-steps (now {flops_warmup_steps(c.flops_warmup_steps, self.state.total_steps)})")
         if c.on_collapse == "stop":
             hint += "; --on-collapse backoff goes back to the last healthy step with half the learning rate"
         return CollapseError(message, hint=hint)

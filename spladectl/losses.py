@@ -165,6 +165,12 @@ def kl_distillation(inputs: LossInputs, temperature: float = 1.0) -> torch.Tenso
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
 
 
+def flops_warmup_steps(configured: int | None, total_steps: int) -> int:
+    """The λ ramp's length: `flops_warmup_steps` when set, else a third of the run."""
+    # naver/splade ramps over 50k steps; a short run needs the ramp to end well before it does.
+    return configured if configured is not None else max(1, total_steps // 3)
+
+
 def flops_weight(target: float, step: int, warmup_steps: int, schedule: str = "quadratic") -> float:
     """λ at optimizer step `step`: ramps from 0 to `target` over `warmup_steps`, then stays at `target`.
 

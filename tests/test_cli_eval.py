@@ -52,7 +52,8 @@ def test_eval_json_rows_with_bm25_and_run_file(cli, toy_beir: Path, tmp_path: Pa
 
 
 def test_eval_both_bm25_rows_match_the_library(cli, toy_beir: Path) -> None:
-    from spladectl.evaluate import bm25_baseline, load_beir
+    from spladectl.data.beir import load_beir
+    from spladectl.evaluate import bm25_baseline
 
     result = cli("eval", "--data", str(toy_beir), "--split", "test", "--baseline", "bm25:nostem,bm25:stem",
                  "--json", "--precision", "32-true", "--no-progress")

@@ -12,17 +12,15 @@ import scipy.sparse as sp
 import torch
 from test_data import TOY_CORPUS
 
+from spladectl.data.beir import load_beir
+from spladectl.encoding import encode_sparse, sparsify, top_terms
 from spladectl.evaluate import (
     bm25_baseline,
     compute_metrics,
-    encode_sparse,
     evaluate_encoder,
-    load_beir,
     retrieve,
     run_from_results,
-    sparsify,
     sparsity_stats,
-    top_terms,
     write_trec_run,
 )
 

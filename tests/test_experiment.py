@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from spladectl.errors import SpladectlError
+from spladectl.cli.train import train_command
 from spladectl.runs import options
 from spladectl.runs.experiment import load_experiment, point_name, shard
 from spladectl.runs.record import STALE, RunRecord, load_record
@@ -39,7 +40,7 @@ seed = 7
 
 @pytest.fixture(scope="module")
 def command():
-    return options.train_command()
+    return train_command()
 
 
 def write(tmp_path, text: str, name: str = "exp.toml"):

@@ -240,6 +240,7 @@ def test_a_chunk_as_large_as_the_batch_says_it_saves_nothing(tmp_path, pm):
 
 
 def test_the_cli_and_experiment_files_take_the_option(cli, tmp_path):
+    from spladectl.cli.train import train_command
     from spladectl.runs import options
     from spladectl.runs.experiment import load_experiment
 
@@ -247,7 +248,7 @@ def test_the_cli_and_experiment_files_take_the_option(cli, tmp_path):
     result = cli("train", "--data", str(data), "-o", str(tmp_path / "run"), "--grad-cache-chunk", "0", "--max-steps",
                  "1", "--no-progress")
     assert result.exit_code == 2 and "--grad-cache-chunk" in result.output, result.output
-    command = options.train_command()
+    command = train_command()
     path = tmp_path / "exp.toml"
     path.write_text("[base]\nbatch-size = 128\n[grid]\ngrad-cache-chunk = [16, 32]\n")
     exp = load_experiment(path, command)

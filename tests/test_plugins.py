@@ -649,7 +649,8 @@ def test_every_hook_has_a_documented_example():
 
 def test_the_documented_examples_run(tmp_path, manager, capsys):
     from spladectl.data import write_beir
-    from spladectl.evaluate import evaluate_encoder, load_beir
+    from spladectl.data.beir import load_beir
+    from spladectl.evaluate import evaluate_encoder
     from spladectl.profiles import ProfileRegistry
 
     modules = {hook: load_example(hook, code) for hook, (code,) in doc_examples().items()}

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from spladectl.evaluate import bm25_baseline, evaluate_encoder, load_beir
+from spladectl.data.beir import load_beir
+from spladectl.evaluate import bm25_baseline, evaluate_encoder
 
 SCIFACT = Path(os.environ.get("SPLADECTL_SCIFACT", Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"))
 needs_scifact = pytest.mark.skipif(not (SCIFACT / "corpus.jsonl").is_file(), reason=f"SciFact is not at {SCIFACT}")

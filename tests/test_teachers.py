@@ -22,7 +22,7 @@ from spladectl.data.teachers import (
     parse_members,
     score_examples,
 )
-from spladectl.evaluate import encode_sparse
+from spladectl.encoding import encode_sparse
 from spladectl.model import SpladeEncoder
 
 
@@ -74,10 +74,10 @@ def test_encoded_documents_are_cached_by_text(tiny, tmp_path: Path, monkeypatch)
     s = settings(tmp_path)
     first = encode_cached(tiny, ["alpha beta", "gamma delta"], 64, s, desc="x")
     calls = []
-    import spladectl.evaluate as evaluate
+    import spladectl.encoding as encoding
 
-    real = evaluate.encode_sparse
-    monkeypatch.setattr(evaluate, "encode_sparse", lambda enc, texts, **kw: calls.append(list(texts)) or
+    real = encoding.encode_sparse
+    monkeypatch.setattr(encoding, "encode_sparse", lambda enc, texts, **kw: calls.append(list(texts)) or
                         real(enc, texts, **kw))
     again = encode_cached(tiny, ["gamma delta", "epsilon", "alpha beta"], 64, s, desc="x")
     assert calls == [["epsilon"]]  # only the new text was encoded

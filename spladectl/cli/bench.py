@@ -74,9 +74,9 @@ def bench(
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
-    from rich.console import Console
+    from spladectl.cli import output
 
-    render_table(rows, Console(highlight=False, width=max(120, Console().width)))
+    render_table(rows, output.console())
 
 
 def _check_plot_target(path: Path) -> None:

@@ -176,8 +176,9 @@ def stats_command(
 
 
 def _print_stats(stats: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from spladectl.cli import output
 
     table = Table(title=f"{stats['path']} ({stats['format']})", show_header=False)
     table.add_column("what")
@@ -189,7 +190,7 @@ def _print_stats(stats: dict[str, Any]) -> None:
     for split, values in stats.get("splits", {}).items():
         for key, value in values.items():
             table.add_row(f"{split}: {key.replace('_', ' ')}", f"{value:g}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    output.console().print(table)
 
 
 @data_app.command("score")

@@ -57,7 +57,8 @@ def eval_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ) -> None:
     """Evaluate MODEL on a BEIR split: nDCG@10, MRR@10, R@100, active dimensions and FLOPS."""
-    from spladectl.evaluate import bm25_run, compute_metrics, encoder_run, load_beir, write_trec_run
+    from spladectl.data.beir import load_beir
+    from spladectl.evaluate import bm25_run, compute_metrics, encoder_run, write_trec_run
 
     baselines = _parse_baselines(baseline, bm25_stem)
     if run_file is not None and run_file.is_dir():  # say so now, not after minutes of encoding
@@ -111,8 +112,9 @@ def _parse_baselines(text: str | None, bm25_stem: bool | None) -> dict[str, bool
 
 def _print_table(rows: list[dict[str, Any]], title: str) -> None:
     from rich import box
-    from rich.console import Console
     from rich.table import Table
+
+    from spladectl.cli import output
 
     model = rows[0]
     caption = (f"{model['name']}: {model['precision']}, max lengths {model['max_query_length']}/"
@@ -132,7 +134,7 @@ def _print_table(rows: list[dict[str, Any]], title: str) -> None:
             f"{row['avg_flops']:.2f}" if sparse else "-",
             f"{row['seconds']:.1f}",
         )
-    Console().print(table)
+    output.console().print(table)
 
 
 # ---- shared with `spladectl search` -------------------------------------------------------------------------------

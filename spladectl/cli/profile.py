@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Annotated, Any
 
 import typer
 
+from spladectl.cli import output
 from spladectl.hardware import HardwareFacts, detect
 from spladectl.profiles import Profile, default_registry
 from spladectl.resolve import Resolved, pick_profile, resolve
@@ -51,14 +51,14 @@ def list_profiles(json_: JsonOption = False) -> None:
     profiles = default_registry().all()
     rows = [_summary(p) for p in profiles]
     if json_:
-        _print_json(rows)
+        output.print_json(rows)
         return
-    table = _table("name", "origin", "device", "precision", "batch", "accum", "description")
+    table = output.table("name", "origin", "device", "precision", "batch", "accum", "description")
     table.caption = "batch: with mixed precision / with 32-true"
     for p in profiles:
         batch = f"{p.batch_size}/{p.batch_size_for_32_true}"
-        _row(table, p.name, p.origin, p.device, p.precision, batch, p.grad_accum, p.description)
-    _console().print(table)
+        output.row(table, p.name, p.origin, p.device, p.precision, batch, p.grad_accum, p.description)
+    output.console().print(table)
 
 
 @profile_app.command("show")
@@ -80,13 +80,13 @@ def show(
     profile = default_registry().get(name)
     if not (resolve_ or flags):
         if json_:
-            _print_json(profile.to_dict())
+            output.print_json(profile.to_dict())
         else:
             _print_profile(profile)
         return
     resolved = resolve(profile, detect(), env=os.environ, flags=flags)
     if json_:
-        _print_json(resolved.as_dict())
+        output.print_json(resolved.as_dict())
     else:
         _print_resolved(resolved)
 
@@ -108,7 +108,7 @@ def detect_command(
     name, score, why = pick_profile(facts, registry)
     resolved = resolve(registry.get(name), facts, env=os.environ, flags=flags)
     if json_:
-        _print_json(
+        output.print_json(
             {
                 "hardware": facts.to_dict(),
                 "profile": name,
@@ -119,7 +119,7 @@ def detect_command(
             }
         )
         return
-    console = _console()
+    console = output.console()
     console.print(hardware_table(facts))
     console.print(f"\nProfile: {name} (score {score}/100, origin {registry.origin(name)})", markup=False)
     for line in why:
@@ -151,54 +151,22 @@ def _summary(p: Profile) -> dict[str, Any]:
     }
 
 
-def _print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2))
-
-
-def _console():
-    from rich.console import Console
-
-    # No highlighting: numbers and paths in colour add nothing. Piped or pasted output gets room for the description
-    # column instead of rich's 80-column default.
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console = Console(highlight=False, width=120)
-    return console
-
-
-def _table(*columns: str, title: str | None = None):
-    from rich import box
-    from rich.table import Table
-    from rich.text import Text
-
-    return Table(
-        *columns, title=Text(title) if title else None, box=box.SIMPLE_HEAD, title_justify="left", title_style="bold"
-    )
-
-
-def _row(table, *cells: Any) -> None:
-    """Add a row of plain text: a description or path with [brackets] must not be read as rich markup."""
-    from rich.text import Text
-
-    table.add_row(*(Text(_text(cell)) for cell in cells))
-
-
 def _print_profile(p: Profile) -> None:
-    table = _table("key", "value", title=f"Profile {p.name} ({p.origin}{', ' + p.path if p.path else ''})")
+    table = output.table("key", "value", title=f"Profile {p.name} ({p.origin}{', ' + p.path if p.path else ''})")
     for key, value in p.to_dict().items():
         if key in ("name", "origin", "path", "match") or value is None:
             continue
-        _row(table, key, value)
+        output.row(table, key, value)
     for key, value in (p.match.to_dict() if p.match else {}).items():
-        _row(table, f"match.{key}", value)
-    _console().print(table)
+        output.row(table, f"match.{key}", value)
+    output.console().print(table)
 
 
 def _print_resolved(r: Resolved, console=None) -> None:
-    console = console or _console()
-    table = _table("setting", "value", "source", title=f"Resolved settings of {r.name} on this machine")
+    console = console or output.console()
+    table = output.table("setting", "value", "source", title=f"Resolved settings of {r.name} on this machine")
     for key, value in r.values.items():
-        _row(table, key, value, r.sources[key])
+        output.row(table, key, value, r.sources[key])
     console.print(table)
     console.print(
         f"effective batch: {r.batch_size} per device x {r.grad_accum} accumulation x {r.world_size} process(es)"
@@ -213,9 +181,9 @@ def _print_resolved(r: Resolved, console=None) -> None:
 
 def hardware_table(facts: HardwareFacts):
     """The hardware facts as a two-column table (also used by `spladectl env`)."""
-    table = _table("hardware", "", title="This machine")
+    table = output.table("hardware", "", title="This machine")
     for label, value in hardware_rows(facts):
-        _row(table, label, value)
+        output.row(table, label, value)
     return table
 
 
@@ -240,11 +208,3 @@ def hardware_rows(facts: HardwareFacts) -> list[tuple[str, str]]:
     for note in facts.notes:
         rows.append(("note", note))
     return rows
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(str(v) for v in value)
-    return str(value)

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from spladectl.cli import output
 from spladectl.errors import SpladectlError
 
 runs_app = typer.Typer(
@@ -71,13 +72,13 @@ def list_runs(
     with_ndcg = any("nDCG@10" in r.final_metrics for r in records)
     columns = ["id", "status", "profile", "precision", "steps", "loss", *(["nDCG@10"] if with_ndcg else []),
                "started", "duration", "tags"]
-    table = _table(*columns)
+    table = output.table(*columns)
     for r in records:
         cells = [r.id, r.effective_status(), r.profile or "-", r.precision or "-", r.steps,
-                 _num(r.final_metrics.get("loss")), *([_num(r.final_metrics.get("nDCG@10"))] if with_ndcg else []),
-                 r.started.replace("T", " ").rstrip("Z"), _duration(r.duration_s), ",".join(r.tags)]
-        _row(table, *cells)
-    _console().print(table)
+                 output.number(r.final_metrics.get("loss")), *([output.number(r.final_metrics.get("nDCG@10"))] if with_ndcg else []),
+                 r.started.replace("T", " ").rstrip("Z"), output.duration(r.duration_s), ",".join(r.tags)]
+        output.row(table, *cells)
+    output.console(piped_width=1000).print(table)
 
 
 @runs_app.command("show")
@@ -97,8 +98,8 @@ def show(
         return
     where = f" (sweep {record.sweep}, point {record.point})" if record.sweep else ""
     lines = [f"run {record.id}: {record.effective_status()}{where}", f"  dir        {record.dir}",
-             f"  started    {record.started}   ended {record.ended or '-'}   duration {_duration(record.duration_s)}"
-             + (f" (training {_duration(record.train_seconds)})" if record.train_seconds else "")]
+             f"  started    {record.started}   ended {record.ended or '-'}   duration {output.duration(record.duration_s)}"
+             + (f" (training {output.duration(record.train_seconds)})" if record.train_seconds else "")]
     if record.world_size > 1:
         lines.append(f"  processes  {record.world_size} (distributed; rank 0 wrote this directory)")
     if record.resumes:
@@ -116,20 +117,20 @@ def show(
         lines += [f"  {key:<24} {value}" for key, value in config.items()]
     if record.final_metrics:
         lines.append(f"final metrics (step {record.steps})")
-        lines += [f"  {key:<24} {_num(value)}" for key, value in record.final_metrics.items()]
+        lines += [f"  {key:<24} {output.number(value)}" for key, value in record.final_metrics.items()]
     if record.best_metrics:
         lines.append("best metrics")
-        lines += [f"  {key:<24} {_num(v['value'])} (step {v['step']})" for key, v in record.best_metrics.items()]
+        lines += [f"  {key:<24} {output.number(v['value'])} (step {v['step']})" for key, v in record.best_metrics.items()]
     if record.best_model:
         best = record.best_model
-        lines.append(f"best model   {best['path']} (step {best['step']}, {best['metric']} {_num(best['value'])})")
+        lines.append(f"best model   {best['path']} (step {best['step']}, {best['metric']} {output.number(best['value'])})")
     if record.heldout:
         lines.append("held-out quality (the demo)")
         for when in ("before", "after", "best"):
             if when == "best" and when not in record.heldout:  # only when the final model collapsed
                 continue
             values = record.heldout.get(when) or {}
-            lines.append(f"  {when:<8} " + "  ".join(f"{k} {_num(values[k])}" for k in ("nDCG@10", "MRR@10", "R@100")
+            lines.append(f"  {when:<8} " + "  ".join(f"{k} {output.number(values[k])}" for k in ("nDCG@10", "MRR@10", "R@100")
                                                     if k in values))
     if record.throughput:
         t = record.throughput
@@ -173,17 +174,17 @@ def compare(
         typer.echo(json.dumps(table_data, indent=2, default=str))
         return
     labels = _labels(records)
-    table = _table("", *labels)
+    table = output.table("", *labels)
     if table_data["settings"]:
-        _row(table, "settings that differ", *[""] * len(labels))
+        output.row(table, "settings that differ", *[""] * len(labels))
         for key, values in table_data["settings"].items():
-            _row(table, f"  {key}", *[_cell(v) for v in values])
+            output.row(table, f"  {key}", *[_cell(v) for v in values])
     else:
-        _row(table, "settings: all equal", *[""] * len(labels))
-    _row(table, "metrics", *[""] * len(labels))
+        output.row(table, "settings: all equal", *[""] * len(labels))
+    output.row(table, "metrics", *[""] * len(labels))
     for key, values in table_data["metrics"].items():
-        _row(table, f"  {key}", *[_cell(v) for v in values])
-    console = _console()
+        output.row(table, f"  {key}", *[_cell(v) for v in values])
+    console = output.console(piped_width=1000)
     console.print(table)
     console.print(_quality_table(table_data["quality"], dict(zip(table_data["runs"], labels))))
     if plot is not None:
@@ -223,13 +224,13 @@ def remove(
 def _quality_table(rows: list[dict[str, Any]], labels: dict[str, str]):
     from spladectl.runs.quality import QUALITY, source_text
 
-    table = _table("run", "evaluation", "source", *QUALITY, "query dims", "doc dims", "FLOPS",
+    table = output.table("run", "evaluation", "source", *QUALITY, "query dims", "doc dims", "FLOPS",
                    title="quality against cost")
     for row in rows:
         evaluation = row["evaluation"] or "-"
         if row.get("best_by"):
             evaluation += f" ({row['best_by']})"
-        _row(table, labels.get(row["run"], row["run"]), evaluation, source_text(row),
+        output.row(table, labels.get(row["run"], row["run"]), evaluation, source_text(row),
              *[_fixed(row[name], 4) for name in QUALITY], _fixed(row["avg_query_dims"], 1),
              _fixed(row["avg_doc_dims"], 1), "-" if row["avg_flops"] is None else f"{row['avg_flops']:.4g}")
     return table
@@ -253,47 +254,9 @@ def _labels(records) -> list[str]:
     return [r.id for r in records]
 
 
-def _num(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.5g}"
-    return str(value)
-
-
 def _cell(value: Any) -> str:
     if isinstance(value, float):
-        return _num(value)
+        return output.number(value)
     if isinstance(value, list):
         return ",".join(map(str, value)) or "[]"
     return "-" if value is None else str(value)
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
-def _table(*columns: str, title: str | None = None):
-    from spladectl.cli.profile import _table as table
-
-    return table(*columns, title=title)
-
-
-def _row(table, *cells: Any) -> None:
-    from spladectl.cli.profile import _row as row
-
-    row(table, *cells)
-
-
-def _console():
-    from rich.console import Console
-
-    # Piped output (grep, a file) gets whole lines: ids and point names must never wrap there.
-    console = Console(highlight=False)
-    return console if console.is_terminal else Console(highlight=False, width=1000)

@@ -81,7 +81,8 @@ def search_command(
 def search_once(encoder, text: str, doc_ids: list[str], docs: sp.csr_matrix, corpus: dict[str, str],
                 titles: dict[str, str], *, k: int, n_terms: int, max_length: int, precision: str,
                 device: str) -> dict[str, Any]:
-    from spladectl.evaluate import encode_sparse, retrieve, top_terms
+    from spladectl.encoding import encode_sparse, top_terms
+    from spladectl.evaluate import retrieve
 
     vector = encode_sparse(encoder, [text], max_length=max_length, batch_size=1, precision=precision, device=device)
     indices, scores = retrieve(vector, docs, k)
@@ -102,7 +103,7 @@ def corpus_index(encoder, model: str, data: Path, corpus: dict[str, str], settin
                  cache: bool = True, show_progress: bool = True) -> tuple[list[str], sp.csr_matrix, str | None]:
     """(doc ids, CSR document matrix, cache file or None), from the cache when model, corpus and settings match."""
     from spladectl.data.cache import atomic_write, cache_dirs, file_signature, place_tag
-    from spladectl.evaluate import encode_sparse
+    from spladectl.encoding import encode_sparse
 
     key = hashlib.sha256(json.dumps(
         {"v": _INDEX_VERSION, "model": _model_identity(model), "root": str(Path(data).resolve()),

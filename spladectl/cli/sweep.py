@@ -36,7 +36,7 @@ def sweep(
     (the exit status is 1 if any point failed). The summary goes to RUNS_ROOT/<sweep>/summary.json and the plot to
     compare.png there.
     """
-    from spladectl.cli.train import RunTarget, run_training
+    from spladectl.cli.train import RunTarget, run_training, train_command
     from spladectl.distributed import World
     from spladectl.runs import experiment as experiments
     from spladectl.runs import options
@@ -50,7 +50,7 @@ def sweep(
                              hint="run `spladectl sweep` directly; `--shard i/n` splits the points over several "
                                   "sweep processes or machines")
     log = (lambda msg: typer.echo(msg, err=True)) if as_json else typer.echo
-    command = options.train_command()
+    command = train_command()
     exp = experiments.load_experiment(experiment, command)
     mine = experiments.shard(exp.points, shard)
     base_dir = sweeps.sweep_dir(exp, runs_root)
@@ -124,15 +124,15 @@ def _plot(exp, summary, runs_root: Path, plot: Path | None, log) -> str | None:
 
 
 def _print_summary(summary) -> None:
-    from spladectl.cli.runs import _console, _duration, _num, _row, _table
+    from spladectl.cli import output
 
     direction = "lower is better" if summary["lower_is_better"] else "higher is better"
-    table = _table("rank", "point", "status", summary["metric"], "steps", "duration", "error")
+    table = output.table("rank", "point", "status", summary["metric"], "steps", "duration", "error")
     for row in summary["points"]:
         error = (row["error"] or "").splitlines()[0][:80] if row["error"] else ""
-        _row(table, row["rank"] or "-", row["point"], row["status"], _num(row["value"]), row["steps"] or "-",
-             _duration(row["duration_s"]), error)
-    console = _console()
+        output.row(table, row["rank"] or "-", row["point"], row["status"], output.number(row["value"]), row["steps"] or "-",
+             output.duration(row["duration_s"]), error)
+    console = output.console(piped_width=1000)
     console.print(f"sweep {summary['sweep']}: ranked by {summary['metric']} ({direction})")
     console.print(table)
     counts = ", ".join(f"{n} {status}" for status, n in summary["counts"].items() if n)

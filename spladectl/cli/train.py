@@ -152,7 +152,7 @@ def run_training(params: dict[str, Any], *, given: set[str], command_line: str |
     from spladectl import plugins as plugin_registry
     from spladectl.hardware import detect
     from spladectl.runs.lifecycle import ActiveRun
-    from spladectl.runs.tracking import parse_track
+    from spladectl.default_plugins.tracking import parse_track
 
     world = world or distributed.World()
     as_json = params["as_json"]
@@ -468,7 +468,8 @@ def _eval_function(config: TrainConfig, demo: bool):
     split = "test" if demo and not config.eval_data else config.eval_split
     if source is None:
         return None, None
-    from spladectl.evaluate import evaluate_encoder, load_beir
+    from spladectl.data.beir import load_beir
+    from spladectl.evaluate import evaluate_encoder
 
     dataset = load_beir(source, split)
 
@@ -511,6 +512,14 @@ def _report(result: dict, log, as_json: bool) -> None:
     if best is not None:
         log(f"best model: {_shown(Path(best['path']))} (step {best['step']}, {best['metric']} {best['value']:.4f})")
     log(f"run {result['run']}: `spladectl runs show {result['run']}`")
+
+
+def train_command():
+    """The click command behind `spladectl train`, built on its own (independent of the app and its plugins): sweeps
+    turn their points into its command line, with its own checks and messages."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command("train")(train)
+    return typer.main.get_command(app)
 
 
 def register(app: typer.Typer) -> None:

@@ -122,7 +122,7 @@ def ensemble(scores: Sequence[np.ndarray], weights: Sequence[float], reference: 
 
 
 def _encode(encoder, texts: Sequence[str], max_length: int, settings: EncodeSettings, *, desc: str) -> sp.csr_matrix:
-    from spladectl.evaluate import encode_sparse
+    from spladectl.encoding import encode_sparse
 
     return encode_sparse(encoder, texts, max_length=max_length, batch_size=settings.batch_size,
                          precision=settings.precision, device=settings.device, show_progress=settings.show_progress,

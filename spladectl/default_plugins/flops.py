@@ -15,14 +15,9 @@ from spladectl.hookspecs import hookimpl
 REGULARIZERS = {"flops": losses.flops, "l1": losses.l1}
 
 
-def warmup_steps(state) -> int:
-    configured = state.config.flops_warmup_steps
-    # naver/splade ramps over 50k steps; a short run needs the ramp to end well before it does.
-    return configured if configured is not None else max(1, state.total_steps // 3)
-
-
 def current_lambdas(pm, state) -> tuple[float, float]:
-    c, warmup = state.config, warmup_steps(state)
+    c = state.config
+    warmup = losses.flops_warmup_steps(c.flops_warmup_steps, state.total_steps)
     lq = pm.hook.flops_weight(name="query", step=state.step, target=c.lambda_q, warmup_steps=warmup, state=state)
     ld = pm.hook.flops_weight(name="document", step=state.step, target=c.lambda_d, warmup_steps=warmup, state=state)
     return lq, ld

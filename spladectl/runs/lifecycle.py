@@ -56,7 +56,7 @@ class ActiveRun:
     def _write_env_report(self) -> None:
         # A run must not fail because its bug-report snapshot could not be taken; it says so instead.
         try:
-            from spladectl.cli.env import collect
+            from spladectl.runs.environment import collect
             from spladectl.hardware import detect
 
             report = collect(self.facts if self.facts is not None else detect())

@@ -16,17 +16,6 @@ NOT_RECORDED = ("progress", "as_json", "runs_root")
 LAUNCH_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port")
 
 
-def train_command():
-    """The click command behind `spladectl train`, built on its own (independent of the app and its plugins)."""
-    import typer
-
-    from spladectl.cli.train import train
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command("train")(train)
-    return typer.main.get_command(app)
-
-
 def explicit(ctx) -> set[str]:
     """The parameters the user set (command line or environment), not left at their defaults."""
     given = set()
