@@ -11,7 +11,7 @@ threads' parallel regions wait on each other and time the load, not the step; se
 machines"). Each (batch, chunk) runs in its own Python
 process, so its peak RSS (ru_maxrss, the kernel's high-water mark) is its own; the RSS before the first step is shown
 too, to separate the model and libraries from what training adds. Step time is the median over the timed steps
-(after --warmup), each step being `Trainer._optimizer_step` as `spladectl train` runs it (forward, backward,
+(after --warmup), each step being `Trainer.train_step` as `spladectl train` runs it (forward, backward,
 optimizer). Plain and chunked runs of a batch size follow each other, their order alternating between repeats; the
 table shows medians over repeats.
 """
@@ -49,7 +49,7 @@ def measure(batch: int, chunk: int | None, args) -> dict:
     from spladectl.config import TrainConfig
     from spladectl.data import load_training_data
     from spladectl.engine import Trainer
-    from spladectl.plugins import load_plugins
+    from spladectl.plugin_loading import load_plugins
 
     examples = load_training_data(str(REPO / "spladectl" / "demo" / "train.jsonl"))
     with tempfile.TemporaryDirectory() as out:
@@ -63,7 +63,7 @@ def measure(batch: int, chunk: int | None, args) -> dict:
         try:
             for _ in range(args.warmup + args.steps):
                 started = time.perf_counter()
-                trainer._optimizer_step()
+                trainer.train_step(trainer.state)
                 seconds.append(time.perf_counter() - started)
         finally:
             trainer._close_batches()

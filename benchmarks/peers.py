@@ -136,7 +136,7 @@ def run_spladectl(args, triples: list[dict]) -> dict:
     from spladectl.config import TrainConfig
     from spladectl.data import Example
     from spladectl.engine import Trainer
-    from spladectl.plugins import load_plugins
+    from spladectl.plugin_loading import load_plugins
 
     examples = [Example(query=t["query"], positive=t["positive"], negatives=[t["negative"]]) for t in triples]
     examples = arrange_for_spladectl(examples, args.batch_size, SEED)
@@ -151,17 +151,15 @@ def run_spladectl(args, triples: list[dict]) -> dict:
         trainer = Trainer(config, examples, pm=pm, log=lambda m: print(m, file=sys.stderr), progress=False)
         state = trainer.state
         state.model.train()
-        pm.hook.on_train_start(state=state)
         before = _rss()
         sampler = _peak_sampler()
         sampler.start()
         ends, losses = [time.perf_counter()], []
         while state.step < state.total_steps:
-            metrics = pm.hook.optimizer_step(state=state)
+            metrics = trainer.step()
             ends.append(time.perf_counter())
             losses.append(metrics["loss"])
         peak = sampler.stop().get("mem_rss_peak", 0.0)
-        pm.hook.on_train_end(state=state, status="finished")
     return {"ends": ends, "losses": losses, "rss_before_training": before, "rss_training_peak": peak}
 
 

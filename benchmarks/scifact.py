@@ -108,7 +108,7 @@ def train_run(data: Path, split: str, out: Path, *, precision: str, settings: di
     from spladectl.engine import Trainer
     from spladectl.data.beir import load_beir
     from spladectl.evaluate import evaluate_encoder
-    from spladectl.plugins import load_plugins
+    from spladectl.plugin_loading import load_plugins
 
     settings = dict(settings)
     scale, skip = settings.pop("lambda_scale", 1.0), settings.pop("skip_negatives", 0)

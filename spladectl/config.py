@@ -13,6 +13,10 @@ from typing import Any
 from spladectl.errors import SpladectlError
 
 
+# Settings that no longer exist and never changed what a run did: older config.toml files still load.
+RETIRED = {"log_every"}
+
+
 @dataclass
 class TrainConfig:
     # what to train on and where results go
@@ -57,7 +61,6 @@ class TrainConfig:
     seed: int = 42
     save_every: int | None = None  # optimizer steps; None: only at the end
     keep_last: int = 2
-    log_every: int = 1
     memory_tracking: bool = False
     on_collapse: str = "stop"  # stop | backoff | warn: what a collapsed run does (spladectl/collapse.py)
     collapse_patience: int = 10  # consecutive collapsed optimizer steps before the policy acts
@@ -76,6 +79,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, where: str = "config") -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k not in RETIRED}
         unknown = sorted(set(values) - known)
         if unknown:
             raise SpladectlError(f"{where}: unknown setting(s) {', '.join(unknown)}")

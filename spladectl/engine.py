@@ -68,7 +68,6 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None  # the step of the model in OUTPUT/best
     extras: dict[str, Any] = field(default_factory=dict)  # room for plugins to keep per-run state
-    run_step: Callable[[], dict[str, Any]] | None = None  # the engine's step, called by the core optimizer_step hook
 
     @property
     def is_main_process(self) -> bool:
@@ -184,8 +183,11 @@ class Trainer:
         dtype = autocast_dtype(config.precision)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else nullcontext
         self.low_precision_matmuls = lambda: low_precision_matmuls(self.device.type, dtype)  # forward and backward
-        self.state.run_step = self._optimizer_step
         self._batches = None
+        self._pending: list[MicroBatch] | None = None  # this step's micro-batches, until it is done
+        self._throughput: list[tuple[int, float]] = []  # (examples, seconds) of recent steps
+        self._last_evaluation: tuple[int, dict[str, float]] | None = None  # (step, metrics) of --eval-every's last
+        self._loss_terms: set[str] = set()  # the names of the loss's terms, for the final metrics
         # An LR warm-up starting near zero leaves the model near where it started, possibly near chance level.
         self.detector = collapse.CollapseDetector(config.collapse_patience,
                                                   chance_after=int(round(config.warmup_ratio * total)))
@@ -245,7 +247,6 @@ class Trainer:
             payload["rng_per_rank"] = rng
         path = ckpt.save_checkpoint(self.output_dir / "checkpoints", s.step, encoder=s.model, state=payload,
                                     keep_last=self.config.keep_last)
-        self.pm.hook.on_checkpoint_saved(state=s, path=str(path))
         return path
 
     # ----------------------------------------------------------------------------------------------- data
@@ -279,31 +280,77 @@ class Trainer:
         return [self._next_micro_batch() for _ in range(min(c.grad_accum, left_in_epoch))]
 
     # ----------------------------------------------------------------------------------------------- the step
-    def _forward_backward(self, batches: list[MicroBatch]) -> dict[str, torch.Tensor]:
-        """Accumulate the gradients of one optimizer step; returns its loss terms and sparsity, still on device."""
-        # Each micro-batch's share of the step's loss; the world size is explained in the module's docstring.
-        share = self.world.world_size / len(batches)
-        backward = self._cached_backward if self.config.grad_cache_chunk else self._plain_backward
-        totals: dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(batches):
-            # Gradients are all-reduced once per optimizer step, on its last micro-batch.
-            inputs, loss, terms = backward(batch.to(self.device), share=share, sync=i == len(batches) - 1)
-            chance, candidates = chance_loss(inputs, **self._ranking_options())
-            logged = {"loss": loss, **terms, "query_dims": _active(inputs.query), "doc_dims": _active(inputs.documents),
-                      "chance_loss": chance, "candidates": candidates}
-            for name, value in logged.items():
-                totals[name] = totals.get(name, 0.0) + value.detach() / len(batches)
-        return totals
+    def train_step(self, state: TrainState) -> dict[str, Any]:
+        """One optimizer step, top to bottom: each micro-batch forward and backward, then clip and update.
 
-    def _plain_backward(self, batch: MicroBatch, *, share: float, sync: bool):
-        """Encode the micro-batch with its graph and back-propagate `share` × its loss: (inputs, loss, terms)."""
-        with distributed.synchronising(self.encoder, sync=sync):
-            with self.autocast():
-                query, docs = self.encoder(batch.query_ids, batch.query_mask, batch.doc_ids, batch.doc_mask)
-            inputs = self._loss_inputs(query.float(), docs.float(), batch)
-            loss, terms = self._loss(inputs)
-            self.state.scaler.scale(loss * share).backward()
-        return inputs, loss, terms
+        Runs inside plugins' `train_step` wrappers (`fit` calls it through them). Gradient caching replaces the plain
+        forward and backward of a micro-batch with `_cached_backward`, which computes the same gradient.
+        """
+        s, c, optimizer, scaler = state, self.config, state.optimizer, state.scaler
+        started = time.perf_counter()
+        pieces = self._step_pieces()
+        share = self.world.world_size / len(pieces)  # each piece's share of the loss; the world size: see above
+        totals: dict[str, torch.Tensor] = {}
+        with self.low_precision_matmuls():
+            for i, batch in enumerate(pieces):
+                batch, sync = batch.to(self.device), i == len(pieces) - 1  # DDP all-reduces on the last piece only
+                if c.grad_cache_chunk:
+                    inputs, loss, terms = self._cached_backward(batch, share=share, sync=sync)
+                else:
+                    with distributed.synchronising(self.encoder, sync=sync):
+                        with self.autocast():
+                            query, docs = self.encoder(batch.query_ids, batch.query_mask, batch.doc_ids,
+                                                       batch.doc_mask)
+                        inputs = self._loss_inputs(query.float(), docs.float(), batch)
+                        loss, terms = self._loss(inputs)
+                        scaler.scale(loss * share).backward()
+                self._add_to_step_metrics(totals, inputs, loss, terms, share=1 / len(pieces))
+
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), c.max_grad_norm)
+        scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+        scaler.step(optimizer)  # skipped by the scaler when a gradient overflowed
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        lr = optimizer.param_groups[0]["lr"]
+        s.scheduler.step()
+
+        skipped = scaler.is_enabled() and scaler.get_scale() < scale
+        examples = sum(piece.size for piece in pieces) * self.world.world_size
+        s.step, s.skipped_steps, s.examples_seen = s.step + 1, s.skipped_steps + int(skipped), s.examples_seen + examples
+        self._pending = None  # the step is done: the next one takes new micro-batches
+        seconds = time.perf_counter() - started
+        self._throughput = (self._throughput + [(examples, seconds)])[-20:]  # recent steps: the first is slow
+        metrics = {name: float(v) for name, v in totals.items()}  # the one host sync per step
+        metrics.update({
+            "step": s.step, "epoch": s.epoch, "lr": lr, "grad_norm": float(grad_norm), "loss_scale": scale,
+            "skipped": bool(skipped), "skipped_steps": s.skipped_steps, "micro_batch": pieces[0].size,
+            "examples": examples, "step_seconds": seconds,
+            "examples_per_s": sum(e for e, _ in self._throughput) / max(sum(t for _, t in self._throughput), 1e-9),
+        })
+        return metrics
+
+    def step(self) -> dict[str, Any]:
+        """One optimizer step inside plugins' `train_step` wrappers, as `fit` runs each (for callers that step a
+        Trainer themselves, such as `spladectl bench`)."""
+        return self.pm.hook.train_step.call_extra([self.train_step], {"state": self.state})
+
+    def _step_pieces(self) -> list[MicroBatch]:
+        """This step's micro-batches, each split in `split_factor` pieces; the same ones again when the step is
+        redone after running out of memory."""
+        if self._pending is None:
+            self._pending = self._step_micro_batches()
+        return [piece for batch in self._pending for piece in batch.split(self.state.split_factor)]
+
+    def _add_to_step_metrics(self, totals: dict[str, torch.Tensor], inputs: LossInputs, loss: torch.Tensor,
+                             terms: dict[str, torch.Tensor], *, share: float) -> None:
+        """Average the loss, its terms and the sparsity over the step's pieces, on device (no host sync)."""
+        chance, candidates = chance_loss(inputs, **self._ranking_options())
+        self._loss_terms.update(terms)
+        logged = {"loss": loss, **terms, "query_dims": _active(inputs.query), "doc_dims": _active(inputs.documents),
+                  "chance_loss": chance, "candidates": candidates}
+        for name, value in logged.items():
+            totals[name] = totals.get(name, 0.0) + value.detach() * share
 
     def _cached_backward(self, batch: MicroBatch, *, share: float, sync: bool):
         """`_plain_backward`'s gradient with the activations of one chunk of texts alive at a time (gradient caching,
@@ -370,44 +417,6 @@ class Trainer:
         return LossInputs.build(query, docs.view(query.shape[0], -1, docs.shape[-1]), teacher, local_rows,
                                 query_keys=query_keys, doc_keys=doc_keys)
 
-    def _optimizer_step(self) -> dict[str, Any]:
-        s, c = self.state, self.config
-        model, optimizer, scaler = s.model, s.optimizer, s.scaler
-        started = time.perf_counter()
-        batches = self._step_micro_batches()
-        while True:
-            pieces = [piece for batch in batches for piece in batch.split(s.split_factor)]
-            try:
-                with self.low_precision_matmuls():
-                    totals = self._forward_backward(pieces)
-                break
-            except Exception as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                self._recover_from_oom(pieces[0].size, exc)
-        examples = sum(b.size for b in batches) * self.world.world_size
-        s.examples_seen += examples
-
-        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.max_grad_norm)
-        scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-        scaler.step(optimizer)  # skipped by the scaler when a gradient overflowed
-        scaler.update()
-        skipped = scaler.is_enabled() and scaler.get_scale() < scale
-        optimizer.zero_grad(set_to_none=True)
-        lr = optimizer.param_groups[0]["lr"]
-        s.scheduler.step()
-        s.step += 1
-        s.skipped_steps += int(skipped)
-
-        metrics = {name: float(v) for name, v in totals.items()}  # the one host sync per step
-        metrics.update({
-            "step": s.step, "epoch": s.epoch, "lr": lr, "grad_norm": float(grad_norm), "loss_scale": scale,
-            "skipped": bool(skipped), "skipped_steps": s.skipped_steps, "micro_batch": pieces[0].size,
-            "examples": examples, "step_seconds": time.perf_counter() - started,
-        })
-        return metrics
-
     def _recover_from_oom(self, micro_batch: int, exc: BaseException) -> None:
         """Halve the micro-batch and double the accumulation (same effective batch), or stop at micro-batch 1."""
         s = self.state
@@ -434,26 +443,32 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
-        s, c = self.state, self.config
+        """Train to the end, then evaluate the model training ended with; plugins' `train` wrappers run around it."""
+        self.state.model.train()  # before the wrappers: one may want the model otherwise (dropout off in a test)
+        return self.pm.hook.train.call_extra([self._fit], {"state": self.state})
+
+    def _fit(self, state: TrainState) -> dict[str, Any]:
+        s, c = state, self.config
         main = s.is_main_process
         if main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if not s.step:  # a fresh run in a reused directory must not inherit old evaluations
                 (self.output_dir / "eval.jsonl").unlink(missing_ok=True)
         metrics_file = _open_metrics(self.output_dir / "metrics.jsonl", resumed_at=s.step) if main else None
-        s.model.train()
-        self.pm.hook.on_train_start(state=s)
         if c.on_collapse == "backoff":
             self._snapshots = [(ckpt.Snapshot.take(s), self.backoffs)]
-        status, patience_left = "failed", c.early_stopping_patience
+        patience_left = c.early_stopping_patience
+        started = time.perf_counter()
         bar = _progress(s.total_steps, s.step, enabled=self.progress)
-        window = []  # (examples, seconds) of recent steps, for a throughput that is not skewed by the first step
         try:
             while s.step < s.total_steps:
-                metrics = self.pm.hook.optimizer_step(state=s)
-                window = (window + [(metrics["examples"], metrics["step_seconds"])])[-20:]
-                metrics["examples_per_s"] = sum(e for e, _ in window) / max(sum(t for _, t in window), 1e-9)
-                self.pm.hook.on_step_end(state=s, metrics=metrics)
+                try:
+                    metrics = self.pm.hook.train_step.call_extra([self.train_step], {"state": s})
+                except Exception as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+                    self._recover_from_oom(self._step_pieces()[0].size, exc)
+                    continue
                 s.last_metrics = metrics
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(metrics) + "\n")
@@ -480,10 +495,6 @@ class Trainer:
                         break
                 if c.save_every and s.step % c.save_every == 0 and s.step < s.total_steps:
                     self.save_checkpoint()
-            status = "finished"
-        except KeyboardInterrupt:
-            status = "interrupted"
-            raise
         finally:
             bar.close()
             # Shut the prefetch thread or the DataLoader's workers down now: a worker forked later (another Trainer
@@ -491,21 +502,29 @@ class Trainer:
             self._close_batches()
             if metrics_file is not None:
                 metrics_file.close()
-            self.pm.hook.on_train_end(state=s, status=status)
         self.save_checkpoint()
         final = self.output_dir / "final"
         if main:
             s.model.save_pretrained(final, extra_metadata={"steps": s.step, "precision": c.precision})
-        return {"status": status, "steps": s.step, "skipped_steps": s.skipped_steps, "final": str(final),
+        seconds = round(time.perf_counter() - started, 2)  # training alone, not the evaluation that follows
+        evaluation = self._evaluate_final() if main and self.eval_fn else None
+        final_metrics = {k: v for k, v in s.last_metrics.items() if k in ("loss", "query_dims", "doc_dims")
+                         or k in self._loss_terms}
+        final_metrics.update({k: v for k, v in ((evaluation or {}).get("metrics") or {}).items()
+                              if "@" in k or k in ("avg_query_dims", "avg_doc_dims", "avg_flops")})
+        return {"status": "finished", "steps": s.step, "skipped_steps": s.skipped_steps, "final": str(final),
                 "best": self.best_model(), "collapsed": self.collapse.describe() if self.detector.collapsed else None,
-                "collapse_events": list(self.collapse_events), "last_metrics": s.last_metrics}
+                "collapse_events": list(self.collapse_events), "last_metrics": s.last_metrics,
+                "evaluation": evaluation, "final_metrics": final_metrics, "summary": [], "train_seconds": seconds}
 
     def _evaluate(self) -> bool:
+        """Evaluate during training (--eval-every); True when the model is the best so far (saved to OUTPUT/best)."""
         s, c = self.state, self.config
         s.model.eval()
         metrics = self.eval_fn(s.model)
         s.model.train()
-        self.pm.hook.on_evaluate(state=s, metrics=metrics)
+        self._last_evaluation = (s.step, metrics)
+        self.pm.hook.on_evaluate(state=s, metrics=metrics, final=False)
         value = metrics.get(c.eval_metric)
         self.log(f"step {s.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         collapsed = self.detector.collapsed  # only with --on-collapse warn does a collapsed run get this far
@@ -516,6 +535,31 @@ class Trainer:
         s.best_metric, s.best_step = value, s.step
         s.model.save_pretrained(self.output_dir / "best", extra_metadata={"step": s.step, c.eval_metric: value})
         return True
+
+    def _evaluate_final(self) -> dict[str, Any]:
+        """{"model": "final" | "best" | None, "metrics"}: the quality of the model training ended with, or of the best
+        one when that one collapsed (--on-collapse warn); nothing when it collapsed and there is no best one."""
+        s = self.state
+        if not self.detector.collapsed:
+            model, which = s.model, "final"
+            self.log("held-out quality after training …")
+        elif s.best_step is not None:
+            model, which = SpladeEncoder.from_pretrained(str(self.output_dir / "best")), "best"
+            model.max_query_length, model.max_doc_length = s.model.max_query_length, s.model.max_doc_length
+            self.log(f"held-out quality after training, of the best model (step {s.best_step}; the final one "
+                     "collapsed) …")
+        else:
+            self.log("held-out quality after training: not measured, the final model is a collapsed one")
+            return {"model": None, "metrics": None}
+        if which == "final" and self._last_evaluation is not None and self._last_evaluation[0] == s.step:
+            metrics = self._last_evaluation[1]  # --eval-every has just measured this very model
+        else:
+            was_training = model.training
+            model.eval()
+            metrics = self.eval_fn(model)
+            model.train(was_training)
+        self.pm.hook.on_evaluate(state=s, metrics=metrics, final=True)
+        return {"model": which, "metrics": metrics}
 
     def best_model(self) -> dict[str, Any] | None:
         """{"path", "step", "metric", "value"} of OUTPUT/best, the best model the evaluations found; None without."""

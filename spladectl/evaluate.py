@@ -173,26 +173,12 @@ def encoder_run(
     return RunResult(run, stats)
 
 
-def evaluate_encoder(
-    encoder,
-    dataset: BeirDataset,
-    *,
-    precision: str = "32-true",
-    device: str = "cpu",
-    batch_size: int = 64,
-    max_query_length: int = 64,
-    max_doc_length: int = 256,
-    top_k: int | None = None,
-    threshold: float = 0.0,
-    k: int = 1000,
-    show_progress: bool = True,
-) -> dict[str, Any]:
+def evaluate_encoder(encoder, dataset: BeirDataset, **settings: Any) -> dict[str, Any]:
     """Metrics (nDCG@10, MRR@10, R@100), sparsity (avg_query_dims, avg_doc_dims, avg_flops) and timings of an encoder
-    on one BEIR split. The trainer calls this during training and for the demo's before/after."""
+    on one BEIR split; `settings` are `encoder_run`'s (precision, device, lengths, pruning, k, show_progress). The
+    trainer calls this during training and for the demo's before/after."""
     started = time.perf_counter()
-    result = encoder_run(encoder, dataset, precision=precision, device=device, batch_size=batch_size,
-                         max_query_length=max_query_length, max_doc_length=max_doc_length, top_k=top_k,
-                         threshold=threshold, k=k, show_progress=show_progress)
+    result = encoder_run(encoder, dataset, **settings)
     return {**compute_metrics(dataset.qrels, result.run), **result.stats,
             "seconds": round(time.perf_counter() - started, 2)}
 

@@ -374,15 +374,16 @@ def user_dir(env: Mapping[str, str] | None = None) -> Path:
 def default_registry(*, env: Mapping[str, str] | None = None, plugins: bool = True) -> ProfileRegistry:
     """Shipped profiles, then plugin profiles, then the user's directory; every profile is checked before returning."""
     registry = ProfileRegistry()
-    registry.register_dir(builtin_dir(), origin="builtin")
-    if plugins:
+    if plugins:  # the shipped ones come first, from the built-in plugin default_plugins/profiles.py
         _register_plugin_profiles(registry.register)
+    else:
+        registry.register_dir(builtin_dir(), origin="builtin")
     registry.register_dir(user_dir(env), origin="user")
     registry.validate()
     return registry
 
 
 def _register_plugin_profiles(register: Callable[..., str]) -> None:
-    from spladectl.plugins import call_register_profiles
+    from spladectl.plugin_errors import call_register_profiles
 
     call_register_profiles(register)

@@ -40,7 +40,7 @@ def _private_user_cache(tmp_path, monkeypatch):
 @pytest.fixture
 def pm():
     """The plugin manager with every built-in plugin (and installed ones), as `spladectl train` builds it."""
-    from spladectl.plugins import load_plugins
+    from spladectl.plugin_loading import load_plugins
 
     return load_plugins()
 

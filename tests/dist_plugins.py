@@ -17,9 +17,10 @@ PROBE_DIR = "SPLADECTL_TEST_PROBE_DIR"
 class NoDropout:
     """Dropout off, so that runs with different numbers of processes compute the same network."""
 
-    @hookimpl
-    def on_train_start(self, state):
+    @hookimpl(wrapper=True)
+    def train(self, state):
         state.model.eval()
+        return (yield)
 
 
 class PlainSGD:
@@ -34,10 +35,17 @@ class PlainSGD:
 class RankProbe:
     """Writes what each process's plugins see of the run to $SPLADECTL_TEST_PROBE_DIR/rank-R.json."""
 
-    @hookimpl
-    def on_train_start(self, state):
+    @hookimpl(wrapper=True)
+    def train(self, state):
         self.seen = {"rank": state.rank, "world_size": state.world_size, "main": state.is_main_process,
                      "device": str(state.device), "steps": []}
+        try:
+            result = yield
+        except BaseException:
+            self._write(state, "failed")
+            raise
+        self._write(state, result["status"])
+        return result
 
     @hookimpl
     def loss_terms(self, inputs, state):
@@ -55,8 +63,7 @@ class RankProbe:
                                    "other_grad": reaches_the_model(others)})
         return None
 
-    @hookimpl
-    def on_train_end(self, state, status):
+    def _write(self, state, status):
         self.seen["status"] = status
         path = Path(os.environ[PROBE_DIR]) / f"rank-{state.rank}.json"
         path.write_text(json.dumps(self.seen))
@@ -77,5 +84,5 @@ class SameScoreEveryTime:
     after the second evaluation, at a step known in advance."""
 
     @hookimpl
-    def on_evaluate(self, state, metrics):
+    def on_evaluate(self, state, metrics):  # `final` left out: a plugin declares only the arguments it uses
         metrics["nDCG@10"] = 0.5

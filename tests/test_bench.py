@@ -7,7 +7,8 @@ import json
 import psutil
 import pytest
 
-from spladectl.bench import parse_precisions, search_max_batch
+from spladectl.bench.max_batch import search_max_batch
+from spladectl.bench.settings import parse_precisions
 from spladectl.errors import SpladectlError
 
 SMALL = ("--steps", "2", "--warmup", "1", "--batch-size", "2", "--max-doc-length", "32", "--max-query-length", "16",
@@ -188,7 +189,7 @@ def test_fp16_is_skipped_on_a_cpu_without_native_fp16_matmuls(monkeypatch):
     import torch
 
     from spladectl import precision
-    from spladectl.bench import unsupported_reason
+    from spladectl.bench.settings import unsupported_reason
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(precision, "has_native_matmul", lambda device_type, dtype: False)

@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 
+from spladectl import losses
 from spladectl.collapse import CHANCE_MARGIN, CollapseDetector, check_policy, signals
 from spladectl.engine import Trainer
 from spladectl.errors import CollapseError, SpladectlError
@@ -150,12 +151,15 @@ def test_warn_trains_on_and_reports_the_best_model_not_the_collapsed_one(cli, tm
 
 
 class ZeroThenHugeLambda:
-    """No sparsity penalty for the first four steps, then λ 100: healthy steps to take snapshots of, then collapse
-    at any of the learning rates the backoffs try."""
+    """No sparsity penalty for the first four steps, then FLOPS × 100: healthy steps to take snapshots of, then
+    collapse at any of the learning rates the backoffs try (the run's own λ are 0)."""
 
     @hookimpl
-    def flops_weight(self, name, step, target, warmup_steps, state):
-        return 0.0 if step < 4 else 100.0
+    def loss_terms(self, inputs, state):
+        if state.step < 4:
+            return None
+        docs = inputs.documents.reshape(-1, inputs.documents.shape[-1])
+        return {"huge_flops": 100.0 * (losses.flops(inputs.query) + losses.flops(docs))}
 
 
 class Recorder:
@@ -172,16 +176,19 @@ class Recorder:
             digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
         self.starts.append((state.step, digest.hexdigest()))
 
-    @hookimpl
-    def on_step_end(self, state, metrics):
+    @hookimpl(wrapper=True)
+    def train_step(self, state):
+        metrics = yield
         self.lrs.append(metrics["lr"])
+        return metrics
 
 
 def test_backoff_restores_the_snapshot_halves_the_lr_and_gives_up_after_three(tmp_path, pm, registered):
     registered(ZeroThenHugeLambda())
     recorder = registered(Recorder())
     said = []
-    trainer = Trainer(config(tmp_path, max_steps=40, on_collapse="backoff", collapse_patience=2, **COLLAPSING),
+    settings = {**COLLAPSING, "lambda_q": 0.0, "lambda_d": 0.0}
+    trainer = Trainer(config(tmp_path, max_steps=40, on_collapse="backoff", collapse_patience=2, **settings),
                       examples(), pm=pm, progress=False, log=said.append)
     with pytest.raises(CollapseError, match=r"after 3 backoff\(s\)") as caught:
         trainer.fit()

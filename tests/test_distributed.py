@@ -24,7 +24,7 @@ import pytest
 import torch
 import typer
 
-from spladectl import distributed, plugins
+from spladectl import distributed, plugin_loading, plugins
 from spladectl.cli.train import LAUNCH_OPTIONS
 from spladectl.distributed import World
 from spladectl.engine import Trainer
@@ -76,7 +76,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def single_process(tmp: Path, data: Path, *extra_plugins, **overrides) -> list[dict]:
     """The same run in this process (dropout off, as in the distributed runs it is compared with)."""
-    manager = plugins.make_plugin_manager(installed=False)
+    manager = plugin_loading.make_plugin_manager(installed=False)
     plugins.register(manager, dist_plugins.NoDropout(), "no-dropout", source="test")
     for plugin in extra_plugins:
         plugins.register(manager, plugin, type(plugin).__name__, source="test")
@@ -453,7 +453,7 @@ def test_a_checkpoint_resumes_only_with_the_number_of_processes_that_wrote_it(tm
     # The data position counts global micro-batches, so another number of processes would resume elsewhere.
     from spladectl.checkpoint import STATE_FILE, find_checkpoint
 
-    manager = plugins.make_plugin_manager(installed=False)
+    manager = plugin_loading.make_plugin_manager(installed=False)
     Trainer(config(tmp_path, max_steps=1), examples(), pm=manager, progress=False).fit()
     path = find_checkpoint("latest", tmp_path / "out")
     state = torch.load(path / STATE_FILE, weights_only=True)

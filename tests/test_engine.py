@@ -64,10 +64,12 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path, pm, registe
     first_step_weights = {}
 
     class Snapshot:
-        @hookimpl
-        def on_step_end(self, state, metrics):
+        @hookimpl(wrapper=True)
+        def train_step(self, state):
+            metrics = yield
             if state.step == 1:
                 first_step_weights.update(weights(trainer))
+            return metrics
 
     registered(Snapshot())
     trainer.fit()
@@ -84,9 +86,10 @@ class DropoutOffPlainSGD:
     """Dropout off so both runs see the same network; plain SGD so the update is the gradient itself (Adam's first
     step is nearly sign(gradient), which would turn rounding noise in tiny gradients into full-size differences)."""
 
-    @hookimpl
-    def on_train_start(self, state):
+    @hookimpl(wrapper=True)
+    def train(self, state):
         state.model.eval()
+        return (yield)
 
     @hookimpl
     def make_optimizer(self, model, state):
@@ -112,11 +115,13 @@ def test_accumulation_matches_one_big_batch(tmp_path, pm, registered):
 
 
 class KilledAfterCheckpoint:
-    """Stops the run right after its first checkpoint, as a kill -INT at that moment would."""
+    """Stops the run right after its first checkpoint (save_every=3), as a kill -INT at that moment would."""
 
-    @hookimpl
-    def on_checkpoint_saved(self, state, path):
-        raise KeyboardInterrupt
+    @hookimpl(wrapper=True)
+    def train_step(self, state):
+        if state.step == 3 and (state.output_dir / "checkpoints").is_dir():
+            raise KeyboardInterrupt
+        return (yield)
 
 
 def test_resume_is_bit_exact(tmp_path, pm, registered):

@@ -17,7 +17,7 @@ import torch
 from spladectl.engine import Trainer
 from spladectl.errors import SpladectlError
 from spladectl.hookspecs import hookimpl
-from spladectl.plugins import load_plugins
+from spladectl.plugin_loading import load_plugins
 
 from tiny import config, examples, write_jsonl
 
@@ -31,6 +31,25 @@ TOLERANCE = {"32-true": (1e-5, 1e-6), "bf16-mixed": (2e-2, 2e-2), "16-mixed": (3
 NOISE_FLOOR = 1e-9
 
 
+
+
+STEP_ONLY = {"step", "epoch", "lr", "grad_norm", "loss_scale", "skipped", "skipped_steps", "micro_batch", "examples",
+             "step_seconds", "examples_per_s"}
+
+
+def step_gradients(trainer: Trainer, batches) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """One `train_step` over these micro-batches that leaves the weights and the step count as they were: its loss
+    terms, and its gradients as the optimizer receives them (unscaled; clipping is off in these tests)."""
+    s, grads = trainer.state, {}
+    optimizer = torch.optim.SGD(s.model.parameters(), lr=0.0)
+    optimizer.register_step_pre_hook(lambda *_: grads.update(
+        {name: p.grad.clone() for name, p in s.model.named_parameters() if p.grad is not None}))
+    s.optimizer, step, trainer._pending = optimizer, s.step, list(batches)
+    s.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    trainer.config.max_grad_norm = 1e30
+    metrics = trainer.train_step(s)
+    s.step = step
+    return {k: v for k, v in metrics.items() if k not in STEP_ONLY}, grads
 
 
 class ChunksInOneGraph(torch.nn.Module):
@@ -82,10 +101,7 @@ def stepper(tmp_path_factory):
             trainer.state.model.train(dropout)
             trainer.state.model.zero_grad(set_to_none=True)
             torch.manual_seed(123)
-            with trainer.low_precision_matmuls():
-                totals = trainer._forward_backward(batches)
-            grads = {name: p.grad.clone() for name, p in trainer.state.model.named_parameters() if p.grad is not None}
-            return {k: float(v) for k, v in totals.items()}, grads
+            return step_gradients(trainer, batches)
 
         step.trainer = trainer
         return step
@@ -143,9 +159,10 @@ def test_without_dropout_it_matches_the_unchanged_plain_step(stepper, precision)
 
 
 class NoDropout:
-    @hookimpl
-    def on_train_start(self, state):
+    @hookimpl(wrapper=True)
+    def train(self, state):
         state.model.eval()
+        return (yield)
 
 
 class PlainSGD:
@@ -207,7 +224,7 @@ def saved_activation_bytes(trainer: Trainer, batches) -> list[int]:
 
     encoder.forward = counted
     try:
-        trainer._forward_backward(batches)
+        step_gradients(trainer, batches)
     finally:
         encoder.forward = original
     return per_call

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from spladectl import memory, plugins
+from spladectl import memory, plugin_loading, plugins
 from spladectl.config import TrainConfig
 from spladectl.default_plugins.memory import MemoryTracker
 from spladectl.engine import Trainer
@@ -67,16 +67,16 @@ class AllocatesAtStep2:
 
 
 def test_per_step_peaks_in_metrics_and_the_summary(tmp_path):
-    manager = plugins.make_plugin_manager(installed=False)
+    manager = plugin_loading.make_plugin_manager(installed=False)
     plugins.register(manager, AllocatesAtStep2(), "allocates", source="test")
     trainer = Trainer(config(tmp_path), examples(), pm=manager, progress=False)
-    trainer.fit()
+    result = trainer.fit()
     rows = metrics_rows(tmp_path)
     assert all({"mem_rss_peak_gb", "mem_rss_max_gb", "memory_gb"} <= set(r) for r in rows)
     assert not any(key.startswith(("mem_cuda", "mem_gpu", "mem_mps")) for r in rows for key in r)  # a CPU run
     assert rows[1]["mem_rss_peak_gb"] - rows[1]["memory_gb"] > 0.2  # step 2's transient 256 MB was seen
     assert rows[1]["mem_rss_peak_gb"] - rows[0]["mem_rss_peak_gb"] > 0.2
-    summary = dict(plugins.summary_rows(trainer.state, manager))
+    summary = dict(result["summary"])
     assert summary["peak RSS in a step"] == f"{rows[1]['mem_rss_peak_gb']:.3f} GiB (step 2)"
     assert "RSS high-water (ru_maxrss)" in summary
     assert all(len(label) <= 28 for label in summary)
@@ -222,18 +222,18 @@ def test_gpu_peaks_reach_metrics_and_summary_in_a_real_run(tmp_path):
             time.sleep(0.1)
             cuda.free((state.step + 1) * GIB)
 
-    manager = plugins.make_plugin_manager(installed=False)
+    manager = plugin_loading.make_plugin_manager(installed=False)
     manager.unregister(name=MEMORY_PLUGIN)
     tracker = MemoryTracker(probes_for=lambda device: memory.probes_for("cuda", cuda=cuda, nvml=nvml),
                             interval=0.001)
     plugins.register(manager, tracker, MEMORY_PLUGIN, source="builtin")
     plugins.register(manager, GpuActivity(), "gpu-activity", source="test")
     trainer = Trainer(config(tmp_path), examples(), pm=manager, progress=False)
-    trainer.fit()
+    result = trainer.fit()
     rows = metrics_rows(tmp_path)
     assert [r["mem_cuda_allocated_peak_gb"] for r in rows] == [1.0, 2.0]
     assert [r["mem_gpu_used_peak_gb"] for r in rows] == [2.0, 3.0]
-    summary = dict(plugins.summary_rows(trainer.state, manager))
+    summary = dict(result["summary"])
     assert summary["peak CUDA allocated"] == "2.000 GiB (step 2)"
     assert summary["peak GPU used (NVML)"] == "3.000 GiB (step 2)"
     assert nvml.shutdowns == 1  # released at the end of training
@@ -252,23 +252,23 @@ def test_a_failing_probe_is_dropped_and_the_step_goes_on():
         def end(self):
             return {}
 
-    manager = plugins.make_plugin_manager(installed=False)
+    manager = plugin_loading.make_plugin_manager(installed=False)
     manager.unregister(name=MEMORY_PLUGIN)
     tracker = MemoryTracker(probes_for=lambda device: ([memory.RssProbe(), Flaky()], []))
     plugins.register(manager, tracker, MEMORY_PLUGIN, source="builtin")
-    state = SimpleNamespace(config=TrainConfig(memory_tracking=True), device=torch.device("cpu"), step=0)
+    state = SimpleNamespace(config=TrainConfig(memory_tracking=True), device=torch.device("cpu"), step=0, total_steps=10)
 
-    def engine_step():  # what the engine's step returns, counting the step as it does
+    def engine_step(state):  # what the engine's step returns, counting the step as it does
         state.step += 1
         return {"step": state.step}
 
-    state.run_step = engine_step
-    metrics = manager.hook.optimizer_step(state=state)
+    metrics = manager.hook.train_step.call_extra([engine_step], {"state": state})
     assert metrics["step"] == 1 and metrics["mem_rss_peak_gb"] > 0
-    assert ("memory probe failed", "flaky: OSError: device went away") in plugins.summary_rows(state, manager)
+    assert ("memory probe failed", "flaky: OSError: device went away") in tracker.summary(state)
     state.config.memory_tracking = False
-    assert manager.hook.optimizer_step(state=state) == {"step": 2}  # off: the wrapper only passes the step through
-    assert plugins.summary_rows(state, manager) == []
+    metrics = manager.hook.train_step.call_extra([engine_step], {"state": state})
+    assert not any(k.startswith("mem_") for k in metrics) and metrics["step"] == 2  # off: the current RSS only
+    assert tracker.summary(state) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the real probes; faked above)")

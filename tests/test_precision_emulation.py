@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from spladectl.engine import Trainer
-from spladectl.plugins import load_plugins
+from spladectl.plugin_loading import load_plugins
 from spladectl.precision import has_native_matmul, low_precision_matmuls
 
 from tiny import config, examples

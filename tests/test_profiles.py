@@ -174,7 +174,7 @@ class _ProfilePlugin:
 
 
 def test_plugins_add_profiles_through_the_hook(tmp_path, monkeypatch):
-    from spladectl.plugins import load_plugins
+    from spladectl.plugin_loading import load_plugins
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     pm = load_plugins()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from spladectl import plugins
+from spladectl import plugin_loading
 from spladectl._compat import tomllib
 from spladectl.runs.summary import read_jsonl
 from tiny import write_eval_beir, write_jsonl
@@ -410,11 +410,13 @@ def stopper(tmp_path, monkeypatch):
     """A plugin that presses Ctrl-C in the middle of step 2; unregistered from the process-wide manager after."""
     (tmp_path / "stopper.py").write_text(
         "from spladectl.hookspecs import hookimpl\n\n\n"
-        "@hookimpl\ndef on_step_end(state, metrics):\n"
-        "    if state.step == 2:\n        raise KeyboardInterrupt\n")
+        "@hookimpl(wrapper=True)\ndef train_step(state):\n"
+        "    metrics = yield\n"
+        "    if state.step == 2:\n        raise KeyboardInterrupt\n"
+        "    return metrics\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "stopper"
-    manager = plugins.load_plugins()
+    manager = plugin_loading.load_plugins()
     if manager.has_plugin("stopper"):
         manager.unregister(name="stopper")
     manager.sources.pop("stopper", None)
@@ -431,7 +433,7 @@ def test_an_interrupted_run_says_so_and_resume_latest_finishes_it(cli, tmp_path,
     assert (record["status"], record["error"], record["steps"]) == ("interrupted", "interrupted (Ctrl-C)", 1)
     assert record["ended"] and record["options"]["plugin"] == [stopper]
 
-    assert not plugins.load_plugins().has_plugin(stopper)  # --plugin lasts one run, even in one process
+    assert not plugin_loading.load_plugins().has_plugin(stopper)  # --plugin lasts one run, even in one process
     result = cli(*args, "--resume", "latest", env=WIDE)
     assert result.exit_code == 0, result.output
     assert f"resumed from {d / 'checkpoints' / 'step-1'}" in " ".join(result.output.split())

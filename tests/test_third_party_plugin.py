@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from spladectl import plugins
+from spladectl import plugin_loading
+from spladectl import plugin_errors
 from tiny import TOPICS
 
 DIST = "spladectl-csvlog"
@@ -32,9 +33,9 @@ def installed():
 
 
 def spladectl(*args: str, plugins_env: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != plugins.ENV_VAR}
+    env = {k: v for k, v in os.environ.items() if k != plugin_loading.ENV_VAR}
     if plugins_env is not None:
-        env[plugins.ENV_VAR] = plugins_env
+        env[plugin_loading.ENV_VAR] = plugins_env
     env["COLUMNS"] = "200"
     command = [str(SPLADECTL)] if SPLADECTL.exists() else [sys.executable, "-m", "spladectl"]
     return subprocess.run(command + list(args), env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
@@ -46,7 +47,7 @@ def test_listed_through_its_entry_point(installed):
     rows = {row["name"]: row for row in json.loads(result.stdout)}
     assert rows["csvlog"] == {"name": "csvlog", "builtin": False, "source": "entry point", "distribution": DIST,
                               "version": installed.version,
-                              "hooks": ["on_step_end", "on_train_end", "on_train_start", "register_commands"]}
+                              "hooks": ["register_commands", "train", "train_step"]}
     off = spladectl("plugins", "list", "--json", plugins_env="")
     assert off.returncode == 0 and "csvlog" not in {row["name"] for row in json.loads(off.stdout)}
 
@@ -54,13 +55,13 @@ def test_listed_through_its_entry_point(installed):
 def test_selection_by_name_in_process():
     import typer
 
-    assert "csvlog" in plugins.make_plugin_manager(env={}).sources
-    assert "csvlog" in plugins.make_plugin_manager(env={plugins.ENV_VAR: "csvlog"}).sources
-    assert "csvlog" in plugins.make_plugin_manager(env={plugins.ENV_VAR: "spladectl_CSVLOG"}).sources  # dist name
-    off = plugins.make_plugin_manager(env={plugins.ENV_VAR: "something-else"})
+    assert "csvlog" in plugin_loading.make_plugin_manager(env={}).sources
+    assert "csvlog" in plugin_loading.make_plugin_manager(env={plugin_loading.ENV_VAR: "csvlog"}).sources
+    assert "csvlog" in plugin_loading.make_plugin_manager(env={plugin_loading.ENV_VAR: "spladectl_CSVLOG"}).sources  # dist name
+    off = plugin_loading.make_plugin_manager(env={plugin_loading.ENV_VAR: "something-else"})
     assert "csvlog" not in off.sources
     app = typer.Typer()
-    plugins.call_register_commands(app, off)
+    plugin_errors.call_register_commands(app, off)
     assert not app.registered_groups  # switched off: no `csvlog` command either
 
 

@@ -1,7 +1,7 @@
 """`spladectl bench`: real training steps in each precision on this machine; speed, memory, FLOP/s, max batch.
 
 Progress goes to stderr; the table (or with --json a list of rows, one per precision) to stdout. See
-spladectl/bench.py for what is measured and how, and docs/benchmarks.md for results.
+spladectl/bench/ for what is measured and how, and docs/benchmarks.md for results.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from spladectl.bench import DEFAULT_PRECISIONS
+from spladectl.bench.settings import DEFAULT_PRECISIONS
 
 
 def bench(
@@ -40,7 +40,9 @@ def bench(
 ) -> None:
     """Run real training steps in each precision and report step time, examples/s, speed-up over 32-true, peak
     memory, achieved FLOP/s against this device's own matmul peak, and optionally the largest batch that fits."""
-    from spladectl.bench import BenchSettings, parse_precisions, plot, render_table, run_bench
+    from spladectl.bench.report import plot, render_table
+    from spladectl.bench.run import run_bench
+    from spladectl.bench.settings import BenchSettings, parse_precisions
     from spladectl.hardware import detect
     from spladectl.resolve import resolve_for_machine
 

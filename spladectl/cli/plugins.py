@@ -28,7 +28,7 @@ def list_plugins(
                                                        "distribution, version, hooks)."),
 ) -> None:
     """List installed (and with --all, built-in) plugins with their distribution, version and hooks."""
-    from spladectl.plugins import ENV_VAR, describe_plugins, load_plugins
+    from spladectl.plugin_loading import ENV_VAR, describe_plugins, load_plugins
 
     rows = describe_plugins(include_builtin=all_)
     for name in load_plugins().unmatched_selection:

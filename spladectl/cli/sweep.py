@@ -36,7 +36,9 @@ def sweep(
     (the exit status is 1 if any point failed). The summary goes to RUNS_ROOT/<sweep>/summary.json and the plot to
     compare.png there.
     """
-    from spladectl.cli.train import RunTarget, run_training, train_command
+    from spladectl.cli.train import report, train_command
+    from spladectl.runs.request import TrainRequest
+    from spladectl.runs.training import RunTarget, run_training
     from spladectl.distributed import World
     from spladectl.runs import experiment as experiments
     from spladectl.runs import options
@@ -78,8 +80,9 @@ def sweep(
         with ctx:
             target = RunTarget(dir=run_dir, id=f"{exp.name}/{point.name}", sweep=exp.name, point=point.name,
                                settings=point.settings, experiment=experiment)
-            run_training(ctx.params, given=options.explicit(ctx),
-                         command_line=options.command_line(command, point.settings), target=target, log=log)
+            request = TrainRequest.from_options(ctx.params, given=options.explicit(ctx),
+                                                command_line=options.command_line(command, point.settings))
+            report(run_training(request, target=target, log=log), log, as_json=False)
 
     interrupted = False
     try:

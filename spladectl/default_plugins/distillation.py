@@ -19,14 +19,15 @@ def check_config(config) -> None:
 
 
 @hookimpl
-def on_train_start(state):
-    check_config(state.config)
-
-
-@hookimpl
 def loss_terms(inputs, state):
     if inputs.teacher_scores is None or not state.config.distillation_weight:
         return None
     check_config(state.config)
     kind = state.config.distillation
     return {kind: state.config.distillation_weight * KINDS[kind](inputs)}
+
+
+@hookimpl(wrapper=True)
+def train(state):
+    check_config(state.config)  # fail before the first step, not in the middle of it
+    return (yield)

@@ -1,7 +1,7 @@
 """Memory in the metrics: the current RSS every step (cheap, for the progress bar) and, with --memory-tracking
 (config `memory_tracking = true`), the peaks of each optimizer step and an end-of-run summary.
 
-The peaks come from a light sampler thread started and stopped around the step by an `optimizer_step` wrapper:
+The peaks come from a light sampler thread started and stopped around the step by a `train_step` wrapper:
 process RSS (psutil, plus ru_maxrss), the CUDA allocator's peaks and the GPU's used memory through NVML on cuda,
 and MPS allocated memory on mps. See spladectl/memory.py.
 
@@ -52,15 +52,21 @@ class MemoryTracker:
         probes, self.notes = self.probes_for(state.device)
         self.sampler = memory.StepSampler(probes, interval=self.interval)
 
-    @hookimpl
-    def on_train_start(self, state):
+    @hookimpl(wrapper=True)
+    def train(self, state):
         if state.config.memory_tracking:
             self._start_run(state)
+        try:
+            result = yield
+        finally:
+            self._close()
+        result.setdefault("summary", []).extend(self.summary(state))
+        return result
 
     @hookimpl(wrapper=True)
-    def optimizer_step(self, state):
+    def train_step(self, state):
         if not state.config.memory_tracking:
-            return (yield)
+            return self._with_rss((yield))
         if self.sampler is None:
             self._start_run(state)
         self.sampler.start()
@@ -68,35 +74,31 @@ class MemoryTracker:
             metrics = yield
         finally:
             peaks = self.sampler.stop()
-        if metrics is not None:
-            # Rounded once, here: the summary shows exactly what metrics.jsonl holds.
-            mine = {key: round(memory.gib(value), 4) for key, value in peaks.items()}
-            by_rank = state.all_gather_object(mine) if getattr(state, "world_size", 1) > 1 else [mine]
-            for key in sorted({key for ranks in by_rank for key in ranks}):
-                values = [ranks.get(key) for ranks in by_rank]
-                gb, rank = max((v, r) for r, v in enumerate(values) if v is not None)
-                metrics[f"{key}_gb"] = gb
-                if len(by_rank) > 1:
-                    metrics[f"{key}_gb_by_rank"] = values
-                    highest = self.rank_peaks.setdefault(key, [None] * len(values))
-                    self.rank_peaks[key] = [v if h is None or (v is not None and v > h) else h
-                                            for v, h in zip(values, highest)]
-                if key not in self.peaks or gb > self.peaks[key][0]:
-                    self.peaks[key] = (gb, state.step, rank)
+        # Rounded once, here: the summary shows exactly what metrics.jsonl holds.
+        mine = {key: round(memory.gib(value), 4) for key, value in peaks.items()}
+        by_rank = state.all_gather_object(mine) if getattr(state, "world_size", 1) > 1 else [mine]
+        for key in sorted({key for ranks in by_rank for key in ranks}):
+            values = [ranks.get(key) for ranks in by_rank]
+            gb, rank = max((v, r) for r, v in enumerate(values) if v is not None)
+            metrics[f"{key}_gb"] = gb
+            if len(by_rank) > 1:
+                metrics[f"{key}_gb_by_rank"] = values
+                highest = self.rank_peaks.setdefault(key, [None] * len(values))
+                self.rank_peaks[key] = [v if h is None or (v is not None and v > h) else h
+                                        for v, h in zip(values, highest)]
+            if key not in self.peaks or gb > self.peaks[key][0]:
+                self.peaks[key] = (gb, state.step, rank)
+        return self._with_rss(metrics)
+
+    @staticmethod
+    def _with_rss(metrics):
+        metrics["memory_gb"] = _process.memory_info().rss / 2**30
         return metrics
 
-    @hookimpl
-    def on_step_end(self, state, metrics):
-        metrics["memory_gb"] = _process.memory_info().rss / 2**30
-
-    @hookimpl
-    def on_train_end(self, state, status):
-        self._close()
-
-    @hookimpl
-    def summary_rows(self, state):
+    def summary(self, state) -> list[tuple[str, str]]:
+        """(label, value) rows of the run's memory peaks for the end-of-training summary."""
         if not state.config.memory_tracking or not self.peaks:
-            return None
+            return []
         rows = []
         for key, (value, step, rank) in sorted(self.peaks.items(), key=lambda kv: list(LABELS).index(kv[0])
                                                if kv[0] in LABELS else len(LABELS)):

@@ -38,8 +38,33 @@ class MlflowTracker:
         self.client = None
         self.run_id: str | None = None
 
+    @hookimpl(wrapper=True)
+    def train(self, state):
+        self._start(state)
+        try:
+            result = yield
+        except BaseException as exc:
+            if self.client is not None:
+                status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                self._guard(state, lambda: self.client.set_terminated(self.run_id, _STATUS[status]))
+                self.client = None
+            raise
+        if self.client is not None:
+            self._finish(state, result)
+        return result
+
+    @hookimpl(wrapper=True, tryfirst=True)  # the outermost wrapper: it sees the keys the others add
+    def train_step(self, state):
+        metrics = yield
+        self._log_metrics(state, {k: v for k, v in metrics.items() if k != "step"}, state.step)
+        return metrics
+
     @hookimpl
-    def on_train_start(self, state):
+    def on_evaluate(self, state, metrics, final):
+        if not final:  # the final evaluation is among the final metrics logged at the end
+            self._log_metrics(state, {f"eval/{k}": v for k, v in metrics.items()}, state.step)
+
+    def _start(self, state) -> None:
         self.client, self.run_id = None, None
         if not _wanted(state):
             return
@@ -77,34 +102,24 @@ class MlflowTracker:
                                   "run_id": self.run_id}
             run.save()  # so that a resume after a crash finds the MLflow run
 
-    @hookimpl(trylast=True)  # after the plugins that add keys to the metrics
-    def on_step_end(self, state, metrics):
-        self._log_metrics(state, {k: v for k, v in metrics.items() if k != "step"}, state.step)
-
-    @hookimpl
-    def on_evaluate(self, state, metrics):
-        self._log_metrics(state, {f"eval/{k}": v for k, v in metrics.items()}, state.step)
-
-    @hookimpl
-    def on_train_end(self, state, status):
-        if self.client is not None:
-            self._guard(state, lambda: self.client.set_terminated(self.run_id, _STATUS.get(status, "FAILED")))
-
-    @hookimpl
-    def on_run_end(self, state, run):
-        if self.client is None or not _wanted(state):
-            return
+    def _finish(self, state, result) -> None:
+        """Final and best metrics, the configuration and the final model, then the MLflow run ends."""
         client, run_id = self.client, self.run_id
-        values = {f"final/{k}": v for k, v in run.final_metrics.items()}
-        values.update({f"best/{k}": v["value"] for k, v in run.best_metrics.items()})
+        values = {f"final/{k}": v for k, v in result["final_metrics"].items()}
+        if result["best"] is not None:
+            values[f"best/{result['best']['metric']}"] = result["best"]["value"]
         self._log_metrics(state, values, state.step)
-        config_file = Path(run.dir) / "config.toml"
-        if config_file.is_file():
-            client.log_artifact(run_id, str(config_file))
-        final = Path(run.dir) / "final"
-        if run.status == "finished" and final.is_dir():
-            client.log_artifacts(run_id, str(final), artifact_path="model")
-        client.set_terminated(run_id, _STATUS.get(run.status, "FAILED"))
+        config_file = Path(state.output_dir) / "config.toml"
+        final = Path(result["final"])
+
+        def upload():
+            if config_file.is_file():
+                client.log_artifact(run_id, str(config_file))
+            if result["status"] == "finished" and final.is_dir():
+                client.log_artifacts(run_id, str(final), artifact_path="model")
+            client.set_terminated(run_id, _STATUS.get(result["status"], "FAILED"))
+
+        self._guard(state, upload)
         self.client = None
 
     def _log_metrics(self, state, values: dict[str, Any], step: int) -> None:

@@ -2,8 +2,9 @@
 
 Written with torch.utils.tensorboard (which needs the `tensorboard` package): the configuration as text at the
 start, every step's numbers as `train/<name>` scalars, evaluations as `eval/<name>`, and at the end the run's
-hyperparameters with its final metrics (`final/<name>`) for TensorBoard's HParams tab, plus the path of the final
-model as text (TensorBoard keeps numbers and text, not files). `tensorboard --logdir runs` shows every run.
+hyperparameters with its final metrics (`final/<name>`: the last step's loss terms and the evaluation of the model
+training ended with) for TensorBoard's HParams tab, plus the path of the final model as text (TensorBoard keeps
+numbers and text, not files). `tensorboard --logdir runs` shows every run.
 """
 
 from __future__ import annotations
@@ -26,8 +27,29 @@ class TensorBoardTracker:
         self.writer = None
         self.warned = False
 
+    @hookimpl(wrapper=True)
+    def train(self, state):
+        self._start(state)
+        try:
+            result = yield
+        finally:
+            self._close()
+        if _wanted(state):
+            self._guard(state, lambda: self._finish(state, result))
+        return result
+
+    @hookimpl(wrapper=True, tryfirst=True)  # the outermost wrapper: it sees the keys the others add
+    def train_step(self, state):
+        metrics = yield
+        self._scalars(state, "train", metrics)
+        return metrics
+
     @hookimpl
-    def on_train_start(self, state):
+    def on_evaluate(self, state, metrics, final):
+        if not final:  # the final evaluation is among the final metrics written at the end
+            self._scalars(state, "eval", metrics)
+
+    def _start(self, state) -> None:
         if not _wanted(state):
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -39,41 +61,27 @@ class TensorBoardTracker:
         if not state.step:
             self.writer.add_text("config", _markdown_table(state.config.to_dict()), 0)
 
-    @hookimpl(trylast=True)  # after the plugins that add keys to the metrics
-    def on_step_end(self, state, metrics):
-        self._scalars(state, "train", metrics)
-
-    @hookimpl
-    def on_evaluate(self, state, metrics):
-        self._scalars(state, "eval", metrics)
-
     def _scalars(self, state, group: str, metrics) -> None:
         if self.writer is None:
             return
         self._guard(state, lambda: [self.writer.add_scalar(f"{group}/{key}", value, state.step)
                                     for key, value in metrics.items() if _is_number(key, value)])
 
-    @hookimpl
-    def on_train_end(self, state, status):
-        # Closed here too, so a Trainer driven from Python (no on_run_end) leaves no writer thread behind.
-        self._close()
-
-    @hookimpl
-    def on_run_end(self, state, run):
-        if not _wanted(state):
-            return
+    def _finish(self, state, result) -> None:
+        """The run's hyperparameters with its final metrics, for TensorBoard's HParams tab."""
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        final = {f"final/{key}": value for key, value in run.final_metrics.items()}
+        final = {f"final/{key}": value for key, value in result["final_metrics"].items()}
+        run = state.extras.get("run")
         with SummaryWriter(log_dir=str(Path(state.output_dir) / SUBDIR)) as writer:
             params = {key: _hparam(value) for key, value in state.config.to_dict().items()}
-            params.update(run_id=run.id, status=run.status)
+            params.update(run_id=run.id if run is not None else "", status=result["status"])
             for summary in hparams(params, final):
                 writer.file_writer.add_summary(summary, state.step)
             for tag, value in final.items():
                 writer.add_scalar(tag, value, state.step)
-            final_dir = Path(state.output_dir) / "final"
+            final_dir = Path(result["final"])
             if final_dir.is_dir():
                 writer.add_text("model", f"`{final_dir}`", state.step)
 

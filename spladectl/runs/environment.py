@@ -82,7 +82,7 @@ def _profiles(facts: HardwareFacts) -> dict[str, Any]:
 
 
 def _plugins() -> list[str] | dict[str, str]:
-    from spladectl.plugins import describe_plugins
+    from spladectl.plugin_loading import describe_plugins
 
     try:
         return [f"{row['name']} {row['version']}".strip() for row in describe_plugins()]

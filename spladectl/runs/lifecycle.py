@@ -1,9 +1,9 @@
 """Keeping run.json true whatever happens: "running" from the first moment, then finished, failed (with the error)
 or interrupted, with the summary of what the run wrote.
 
-    with ActiveRun(record, pm=pm, log=log) as run:
+    with ActiveRun(record) as run:
         run.attach_config(config)      # config.toml, profile/precision/device, git state of the data
-        run.attach_trainer(trainer)    # plugins see the record as state.extras["run"]; on_run_end will be called
+        run.attach_trainer(trainer)    # plugins see the record as state.extras["run"]
         ...
 
 In a distributed run only rank 0 has an ActiveRun; `explain` lets it record the failure of another rank that stopped
@@ -26,15 +26,12 @@ from spladectl.runs.summary import summarize
 
 
 class ActiveRun:
-    def __init__(self, record: RunRecord, *, pm=None, facts=None, log: Callable[[str], None] = print,
-                 git_paths: dict[str, str | None] | None = None,
+    def __init__(self, record: RunRecord, *, facts=None, git_paths: dict[str, str | None] | None = None,
                  explain: Callable[[BaseException], tuple[str, str] | None] | None = None):
         self.record = record
         self.explain = explain  # exception -> (status, error) when the exception is not the cause itself
         self.git_paths = git_paths or {}  # files the run depends on besides the data: an experiment, a profile
-        self.pm = pm
         self.facts = facts
-        self.log = log
         self.config = None
         self.state = None
         self._clock = time.monotonic()
@@ -102,18 +99,6 @@ class ActiveRun:
             setattr(record, key, value)
         record.ended = now()
         record.duration_s = round((record.duration_s or 0.0) + time.monotonic() - self._clock, 3)
-        record.save()
-        if self.state is None or self.pm is None:
-            return
-        try:
-            from spladectl.plugins import naming_plugin_errors
-
-            with naming_plugin_errors(self.pm, during="on_run_end"):
-                self.pm.hook.on_run_end(state=self.state, run=record)
-        except Exception as exc:  # noqa: BLE001 - the run itself is over; a mirror that failed is a warning
-            message = describe_error(exc)
-            record.warnings.append(message)
-            self.log(f"warning: {message}")
         record.save()
 
 

@@ -26,7 +26,7 @@ def now() -> str:
 
 @dataclass
 class RunRecord:
-    """The contents of RUN_DIR/run.json. Plugins get it as `state.extras["run"]` and in the `on_run_end` hook."""
+    """The contents of RUN_DIR/run.json. Plugins get it as `state.extras["run"]`."""
 
     id: str
     dir: str

@@ -68,25 +68,26 @@ def _cell(value: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------------ hooks
 
-@hookimpl
-def on_train_start(state):
-    if state.is_main_process:
-        state.extras["csvlog"] = CsvLog(Path(state.output_dir) / FILENAME, resumed_at=state.step)
+@hookimpl(wrapper=True)
+def train(state):
+    log = CsvLog(Path(state.output_dir) / FILENAME, resumed_at=state.step) if state.is_main_process else None
+    state.extras["csvlog"] = log
+    try:
+        return (yield)
+    finally:
+        state.extras.pop("csvlog", None)
+        if log is not None:
+            log.close()
 
 
-# trylast: run after the other plugins' on_step_end, so the row has every key they add (lambda_q, memory, ...).
-@hookimpl(trylast=True)
-def on_step_end(state, metrics):
+# tryfirst: the outermost wrapper, so the row has every key the other plugins add (lambda_q, memory, ...).
+@hookimpl(wrapper=True, tryfirst=True)
+def train_step(state):
+    metrics = yield
     log = state.extras.get("csvlog")
     if log is not None:
         log.write(metrics)
-
-
-@hookimpl
-def on_train_end(state):  # the hook also offers `status`; a plugin declares only the arguments it uses
-    log = state.extras.pop("csvlog", None)
-    if log is not None:
-        log.close()
+    return metrics
 
 
 @hookimpl

@@ -48,27 +48,36 @@ def test_header_grows_when_a_step_brings_new_keys(tmp_path):
     assert got[1] == {"step": "2", "loss": "2.0", "lambda_q": "0.1", "hist": "[1, 2]"}
 
 
+def train(state, steps: list[dict]) -> None:
+    """Run the plugin's wrappers as the engine does: `train` around the whole training, `train_step` around each
+    step (whose own result is the step's metrics)."""
+    from spladectl.plugins import PluginManager, register
+
+    manager = PluginManager()  # this plugin alone: the built-ins would want a whole TrainState
+    register(manager, spladectl_csvlog, "csvlog", source="test")
+
+    def training(state):
+        for metrics in steps:
+            manager.hook.train_step.call_extra([lambda state, m=metrics: dict(m)], {"state": state})
+        return {}
+
+    manager.hook.train.call_extra([training], {"state": state})
+
+
 def test_resume_drops_the_rows_after_the_checkpoint(tmp_path):
     state = fake_state(tmp_path)
-    spladectl_csvlog.on_train_start(state)
-    for step in (1, 2, 3, 4):
-        spladectl_csvlog.on_step_end(state, {"step": step, "loss": 1.0 / step})
-    spladectl_csvlog.on_train_end(state)
+    train(state, [{"step": step, "loss": 1.0 / step} for step in (1, 2, 3, 4)])
     assert "csvlog" not in state.extras
 
     resumed = fake_state(tmp_path, step=2)
-    spladectl_csvlog.on_train_start(resumed)
-    spladectl_csvlog.on_step_end(resumed, {"step": 3, "loss": 0.3})
-    spladectl_csvlog.on_train_end(resumed)
+    train(resumed, [{"step": 3, "loss": 0.3}])
     assert [(r["step"], r["loss"]) for r in rows(tmp_path / "metrics.csv")] == [("1", "1.0"), ("2", "0.5"),
                                                                                 ("3", "0.3")]
 
 
 def test_only_the_main_process_writes(tmp_path):
     state = fake_state(tmp_path, main=False)
-    spladectl_csvlog.on_train_start(state)
-    spladectl_csvlog.on_step_end(state, {"step": 1})
-    spladectl_csvlog.on_train_end(state)
+    train(state, [{"step": 1}])
     assert not (tmp_path / "metrics.csv").exists()
 
 
@@ -117,7 +126,8 @@ def test_a_real_training_writes_the_same_values_as_metrics_jsonl(tmp_path):
     from spladectl.config import TrainConfig
     from spladectl.data import Example
     from spladectl.engine import Trainer
-    from spladectl.plugins import make_plugin_manager, register
+    from spladectl.plugins import register
+    from spladectl.plugin_loading import make_plugin_manager
 
     config = TrainConfig(output_dir=str(tmp_path / "out"), batch_size=4, max_steps=2, precision="32-true",
                          max_query_length=16, max_doc_length=32, seed=3)
@@ -129,7 +139,7 @@ def test_a_real_training_writes_the_same_values_as_metrics_jsonl(tmp_path):
     jsonl = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     table = rows(tmp_path / "out" / "metrics.csv")
     assert [r["step"] for r in table] == ["1", "2"]
-    # trylast: the rows hold the keys the built-ins add in their own on_step_end (lambda_q, memory_gb); the header
+    # tryfirst: the rows hold the keys the built-ins' wrappers add (lambda_q, memory_gb); the header
     # grew at step 2, when λ became non-zero and the flops_q/flops_d terms appeared
     assert set(table[0]) == set(jsonl[0]) | set(jsonl[1]) and {"lambda_q", "memory_gb", "flops_q"} <= set(table[0])
     assert table[0]["flops_q"] == "" and "flops_q" not in jsonl[0]
