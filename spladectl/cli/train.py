@@ -19,7 +19,7 @@ import typer
 from spladectl.errors import SpladectlError
 from spladectl.runs import options
 from spladectl.runs.request import TrainRequest
-from spladectl.runs.training import run_training, shown
+from spladectl.runs.training import TrainResult, run_training, shown
 
 LAUNCH_OPTIONS = set(options.LAUNCH_OPTIONS)
 DISTRIBUTED = "Distributed (torchrun)"
@@ -116,34 +116,34 @@ def train(
         report(result, log, as_json)
 
 
-def report(result: dict, log, as_json: bool) -> None:
+def report(result: TrainResult, log, as_json: bool) -> None:
     """The end of `spladectl train`: the summary as JSON, or what a person wants to read."""
     if as_json:
-        typer.echo(json.dumps(result, indent=2, default=str))
+        typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return
-    m = result["last_metrics"]
-    log(f"done: {result['steps']} optimizer steps in {result['train_seconds']:.1f} s "
-        f"({result['examples_per_s']:.1f} examples/s, {result['precision']}), skipped {result['skipped_steps']}")
+    m = result.last_metrics
+    log(f"done: {result.steps} optimizer steps in {result.train_seconds:.1f} s "
+        f"({result.examples_per_s:.1f} examples/s, {result.precision}), skipped {result.skipped_steps}")
     if m:
         log(f"final loss {m['loss']:.4f}, query dims {m['query_dims']:.1f}, document dims {m['doc_dims']:.1f}")
-    if "heldout_before" in result:
-        b, a = result["heldout_before"], result["heldout_after"]
+    if result.heldout_before is not None:
+        b, a = result.heldout_before, result.heldout_after
         log("held-out retrieval     nDCG@10   MRR@10   R@100")
         log(f"  before training      {b['nDCG@10']:.4f}   {b['MRR@10']:.4f}   {b['R@100']:.4f}")
         if a is None:
             log("  after training       not measured (the final model collapsed)")
         else:
-            label = "after training" + (" (best)" if result["heldout_model"] == "best" else "")
+            label = "after training" + (" (best)" if result.heldout_model == "best" else "")
             log(f"  {label:<20} {a['nDCG@10']:.4f}   {a['MRR@10']:.4f}   {a['R@100']:.4f}")
-    for label, value in result["summary"]:
+    for label, value in result.summary:
         log(f"{label:<28} {value}")
-    if result["collapsed"]:
-        log(f"warning: the final model is a collapsed one: {result['collapsed']}")
-    log(f"model saved to {shown(Path(result['final']))}" + (" (collapsed)" if result["collapsed"] else ""))
-    best = result["best"]
-    if best is not None:
+    if result.collapsed:
+        log(f"warning: the final model is a collapsed one: {result.collapsed}")
+    log(f"model saved to {shown(Path(result.final))}" + (" (collapsed)" if result.collapsed else ""))
+    if result.best is not None:
+        best = result.best
         log(f"best model: {shown(Path(best['path']))} (step {best['step']}, {best['metric']} {best['value']:.4f})")
-    log(f"run {result['run']}: `spladectl runs show {result['run']}`")
+    log(f"run {result.run}: `spladectl runs show {result.run}`")
 
 
 def train_command():

@@ -8,9 +8,10 @@ resume from) once the process group is up.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,39 @@ DEMO_DEFAULTS = {"epochs": 2, "lr": 2e-4, "n_negatives": 2, "batch_size": 16, "g
 
 
 @dataclass
+class TrainResult:
+    """What one training run gave; `spladectl train --json` prints `to_dict()`."""
+
+    run: str
+    run_dir: str
+    status: str  # "finished"; a failed or interrupted training raises instead
+    steps: int
+    skipped_steps: int  # steps the fp16 loss scaler skipped
+    train_seconds: float  # training alone, without the evaluations before and after
+    examples_per_s: float
+    precision: str
+    final: str  # RUN_DIR/final, the model training ended with
+    best: dict[str, Any] | None  # {"path", "step", "metric", "value"} of RUN_DIR/best (--eval-every)
+    collapsed: str | None  # what the collapse detector found, when the final model collapsed (--on-collapse warn)
+    collapse_events: list[str]
+    last_metrics: dict[str, Any]  # the last step's metrics.jsonl line
+    final_metrics: dict[str, float]  # its loss terms and dims, and the final evaluation's retrieval metrics
+    evaluation: dict[str, Any] | None  # {"model": "final" | "best" | None, "metrics"} with --eval-data or the demo
+    summary: list[list[str]] = field(default_factory=list)  # (label, value) rows plugins add (memory peaks)
+    warnings: list[str] = field(default_factory=list)
+    heldout_before: dict[str, Any] | None = None  # the held-out quality before training (with a held-out set)
+    heldout_after: dict[str, Any] | None = None
+    heldout_model: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        if self.evaluation is None:  # no held-out set: no held-out keys, as before there was a type
+            for key in ("heldout_before", "heldout_after", "heldout_model"):
+                values.pop(key)
+        return values
+
+
+@dataclass
 class RunTarget:
     """Where a sweep point runs: its directory and id, its sweep and point, and the settings it was given."""
 
@@ -41,11 +75,11 @@ class RunTarget:
 
 
 def run_training(request: TrainRequest, *, target: RunTarget | None = None,
-                 log: Callable[[str], None] = print, world=None) -> dict[str, Any]:
+                 log: Callable[[str], None] = print, world=None) -> TrainResult | None:
     """One training as a run: plan its directory, keep run.json true whatever happens, return its summary.
 
     Sweeps call this for each point with `target`. `world` is this process's place in a distributed training
-    (default: a single process); only rank 0 plans, writes and logs the run. Returns the summary `--json` prints.
+    (default: a single process); only rank 0 plans, writes and logs the run, and gets the result (the others None).
     """
     from spladectl import distributed, plugin_loading
     from spladectl.default_plugins.tracking import parse_track
@@ -79,7 +113,8 @@ def run_training(request: TrainRequest, *, target: RunTarget | None = None,
     train = dict(pm=pm, facts=facts, source=source, tracks=tracks, log=log, world=world)
     try:
         if not world.is_main:  # no run of its own: it learns rank 0's directory in _train
-            return _train(request, None, checkpoint=None, **train)
+            _train(request, None, checkpoint=None, **train)
+            return None
         git_paths = {"experiment": str(target.experiment) if target is not None and target.experiment else None,
                      "profile": request.profile if request.profile and Path(request.profile).is_file() else None}
         with distributed.SigtermAsException(world.distributed) as sigterm:
@@ -96,8 +131,9 @@ def run_training(request: TrainRequest, *, target: RunTarget | None = None,
             if name not in before and plugin is not None and pm.sources.get(name) == "--plugin":
                 pm.unregister(plugin)
                 pm.sources.pop(name, None)
-    result.update(run=record.id, run_dir=record.dir, warnings=record.warnings)
-    return result
+    names = {f.name for f in dataclasses.fields(TrainResult)}
+    return TrainResult(**{k: v for k, v in result.items() if k in names}, run=record.id, run_dir=record.dir,
+                       warnings=record.warnings)
 
 
 def _silent(message: str) -> None:
