@@ -12,7 +12,6 @@ from typing import Any
 
 from spladectl.errors import SpladectlError
 
-
 # Settings that no longer exist and never changed what a run did: older config.toml files still load.
 RETIRED = {"log_every"}
 

@@ -8,6 +8,7 @@ from the error file it wrote, see distributed.py) instead of torchrun's tracebac
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import sys
@@ -63,6 +64,10 @@ class LaunchOptions:
         # Spelled alike by torchrun and `spladectl train`. On one machine without a port, torchrun finds a free one.
         args = ["--master-addr", self.master_addr] if self.master_addr else []
         return args + (["--master-port", str(self.master_port)] if self.master_port is not None else [])
+
+
+# The train options that start processes; every other option is passed on to each process.
+LAUNCH_OPTIONS = frozenset(field.name for field in dataclasses.fields(LaunchOptions))
 
 
 def launch(options: LaunchOptions, command: list[str]) -> None:

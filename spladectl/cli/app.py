@@ -53,8 +53,8 @@ def root(
 def build_app() -> typer.Typer:
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(app)
-    from spladectl.plugin_loading import load_plugins
     from spladectl.plugin_errors import call_register_commands
+    from spladectl.plugin_loading import load_plugins
 
     call_register_commands(app, load_plugins())
     return app

@@ -37,12 +37,12 @@ def sweep(
     compare.png there.
     """
     from spladectl.cli.train import report, train_command
-    from spladectl.runs.request import TrainRequest
-    from spladectl.runs.training import RunTarget, run_training
     from spladectl.distributed import World
     from spladectl.runs import experiment as experiments
     from spladectl.runs import options
     from spladectl.runs import sweep as sweeps
+    from spladectl.runs.request import TrainRequest
+    from spladectl.runs.training import RunTarget, run_training
 
     world = World.from_env()
     if world.distributed:

@@ -17,11 +17,11 @@ from typing import Optional
 import typer
 
 from spladectl.errors import SpladectlError
+from spladectl.launch import LAUNCH_OPTIONS
 from spladectl.runs import options
 from spladectl.runs.request import TrainRequest
 from spladectl.runs.training import TrainResult, run_training, shown
 
-LAUNCH_OPTIONS = set(options.LAUNCH_OPTIONS)
 DISTRIBUTED = "Distributed (torchrun)"
 
 

@@ -22,6 +22,7 @@ import scipy.sparse as sp
 from spladectl.data import bm25
 from spladectl.errors import SpladectlError
 
+
 @dataclass(frozen=True)
 class Member:
     """One scorer of an ensemble: "bm25", "bm25:stem", "bm25:nostem", or a SPLADE model name or directory."""

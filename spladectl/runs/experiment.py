@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from spladectl.errors import SpladectlError
-from spladectl.runs.options import LAUNCH_OPTIONS, option_names, text
+from spladectl.launch import LAUNCH_OPTIONS
+from spladectl.runs.options import option_names, text
 from spladectl.runs.store import slug
 
 TOP_LEVEL = ("name", "description", "metric", "base", "grid", "points")

@@ -53,8 +53,8 @@ class ActiveRun:
     def _write_env_report(self) -> None:
         # A run must not fail because its bug-report snapshot could not be taken; it says so instead.
         try:
-            from spladectl.runs.environment import collect
             from spladectl.hardware import detect
+            from spladectl.runs.environment import collect
 
             report = collect(self.facts if self.facts is not None else detect())
             (self.path / "env.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

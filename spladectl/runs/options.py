@@ -12,8 +12,6 @@ from typing import Any
 
 # Option values that change how the command talks, not what the run is.
 NOT_RECORDED = ("progress", "as_json", "runs_root")
-# The options that start processes (launch.LaunchOptions' fields); every other option is passed on to each process.
-LAUNCH_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port")
 
 
 def explicit(ctx) -> set[str]:
