@@ -18,13 +18,13 @@ from spladectl.errors import PluginError
 
 ENTRY_POINT_GROUP = "spladectl"
 DEFAULT_PLUGINS = (
-    "spladectl.default_plugins.profiles",
-    "spladectl.default_plugins.memory",
-    "spladectl.default_plugins.optim",
-    "spladectl.default_plugins.flops",
-    "spladectl.default_plugins.distillation",
-    "spladectl.default_plugins.track_tensorboard",
-    "spladectl.default_plugins.track_mlflow",
+    "spladectl.builtin_plugins.profiles",
+    "spladectl.builtin_plugins.memory",
+    "spladectl.builtin_plugins.optim",
+    "spladectl.builtin_plugins.flops",
+    "spladectl.builtin_plugins.distillation",
+    "spladectl.builtin_plugins.track_tensorboard",
+    "spladectl.builtin_plugins.track_mlflow",
 )
 WRAPPER_ONLY = ("train", "train_step")  # hooks around the engine's own code: plugins implement them as wrappers
 

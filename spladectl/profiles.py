@@ -374,7 +374,7 @@ def user_dir(env: Mapping[str, str] | None = None) -> Path:
 def default_registry(*, env: Mapping[str, str] | None = None, plugins: bool = True) -> ProfileRegistry:
     """Shipped profiles, then plugin profiles, then the user's directory; every profile is checked before returning."""
     registry = ProfileRegistry()
-    if plugins:  # the shipped ones come first, from the built-in plugin default_plugins/profiles.py
+    if plugins:  # the shipped ones come first, from the built-in plugin builtin_plugins/profiles.py
         _register_plugin_profiles(registry.register)
     else:
         registry.register_dir(builtin_dir(), origin="builtin")

@@ -39,7 +39,7 @@ def test_at_most_eight_hooks_each_implemented_by_a_plugin_we_ship():
     specs = [name for name, f in inspect.getmembers(hookspecs, inspect.isfunction)
              if hasattr(f, "spladectl_spec")]
     assert len(specs) <= 8
-    shipped = [*sorted((REPO / "spladectl" / "default_plugins").glob("*.py")),
+    shipped = [*sorted((REPO / "spladectl" / "builtin_plugins").glob("*.py")),
                REPO / "plugins" / "spladectl-csvlog" / "spladectl_csvlog" / "__init__.py"]
     text = "\n".join(path.read_text() for path in shipped)
     unused = [name for name in specs if f"def {name}(" not in text]

@@ -17,14 +17,14 @@ import torch
 
 from spladectl import memory, plugin_loading, plugins
 from spladectl.config import TrainConfig
-from spladectl.default_plugins.memory import MemoryTracker
+from spladectl.builtin_plugins.memory import MemoryTracker
 from spladectl.engine import Trainer
 from spladectl.hookspecs import hookimpl
 import tiny
 from tiny import metrics_rows
 
 GIB = 2**30
-MEMORY_PLUGIN = "spladectl.default_plugins.memory"
+MEMORY_PLUGIN = "spladectl.builtin_plugins.memory"
 
 def examples():
     return tiny.examples() * 2

@@ -610,8 +610,8 @@ def test_plugins_list(cli, global_pm):
     assert human.exit_code == 0, human.output
     assert human.stdout == cli("plugins", "list").stdout
     assert "listed-plugin  (-, registered)\n    hooks: on_evaluate, train_step" in human.stdout
-    assert "spladectl.default_plugins.memory" not in human.stdout
-    assert "spladectl.default_plugins.memory  (spladectl" in cli("plugins", "list", "--all").stdout
+    assert "spladectl.builtin_plugins.memory" not in human.stdout
+    assert "spladectl.builtin_plugins.memory  (spladectl" in cli("plugins", "list", "--all").stdout
 
 
 def test_a_plugin_adds_profiles_from_a_table_and_a_file(cli, global_pm, tmp_path, monkeypatch):
@@ -659,7 +659,7 @@ def test_profile_origin_defaults_to_the_plugin(manager):
     ("constant", [1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0, 1.0]),
 ])
 def test_lr_schedules(schedule, factors):
-    from spladectl.default_plugins.optim import lr_factor
+    from spladectl.builtin_plugins.optim import lr_factor
 
     # 2 warm-up steps of 6 total, then the schedule's decay over the other 4
     assert [lr_factor(schedule, s, 6, 2) for s in range(7)] == pytest.approx(factors)
@@ -674,7 +674,7 @@ def test_unknown_schedule_is_a_clear_error(tmp_path, manager):
                                                 ("linear", [0, 1 / 3, 2 / 3, 1, 1]), ("constant", [1] * 5)])
 @pytest.mark.parametrize("warmup, total_steps", [(3, 100), (None, 9)])  # unset: a third of the run
 def test_flops_lambda_schedules(schedule, expected, warmup, total_steps):
-    from spladectl.default_plugins.flops import current_lambdas
+    from spladectl.builtin_plugins.flops import current_lambdas
 
     c = TrainConfig(flops_schedule=schedule, flops_warmup_steps=warmup, lambda_q=2.0, lambda_d=4.0)
     got = [current_lambdas(types.SimpleNamespace(config=c, step=s, total_steps=total_steps)) for s in range(5)]
@@ -737,7 +737,7 @@ def test_distillation_from_teacher_scores_in_the_data(tmp_path, manager, kind, w
 
 
 def test_distillation_is_off_without_teacher_scores_or_weight(manager):
-    from spladectl.default_plugins import distillation
+    from spladectl.builtin_plugins import distillation
 
     q, d = torch.rand(2, 5), torch.rand(2, 2, 5)
     with_teacher = losses.LossInputs.build(q, d, torch.tensor([[3.0, 1.0], [2.0, 0.0]]))

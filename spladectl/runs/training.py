@@ -82,7 +82,7 @@ def run_training(request: TrainRequest, *, target: RunTarget | None = None,
     (default: a single process); only rank 0 plans, writes and logs the run, and gets the result (the others None).
     """
     from spladectl import distributed, plugin_loading
-    from spladectl.default_plugins.tracking import parse_track
+    from spladectl.builtin_plugins.tracking import parse_track
     from spladectl.hardware import detect
     from spladectl.runs.lifecycle import ActiveRun
 

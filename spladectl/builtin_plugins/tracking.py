@@ -1,6 +1,6 @@
 """Which experiment trackers a run mirrors to (`--track tensorboard,mlflow`), and where they write by default.
 
-The trackers themselves are the built-in plugins `spladectl.default_plugins.track_tensorboard` and
+The trackers themselves are the built-in plugins `spladectl.builtin_plugins.track_tensorboard` and
 `track_mlflow`; they act when their name is in the run's `track` setting.
 """
 

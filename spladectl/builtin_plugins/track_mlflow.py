@@ -68,7 +68,7 @@ class MlflowTracker:
         self.client, self.run_id = None, None
         if not _wanted(state):
             return
-        from spladectl.default_plugins.tracking import INSTALL_HINT, default_mlflow_uri, mask_uri
+        from spladectl.builtin_plugins.tracking import INSTALL_HINT, default_mlflow_uri, mask_uri
 
         try:
             from mlflow import MlflowClient
@@ -150,7 +150,7 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     current directory is); a server decides for itself."""
     if not uri.startswith("sqlite:///"):
         return None
-    from spladectl.default_plugins.tracking import MLFLOW_ARTIFACTS
+    from spladectl.builtin_plugins.tracking import MLFLOW_ARTIFACTS
 
     database = Path(uri[len("sqlite:///"):])
     return (database.parent / MLFLOW_ARTIFACTS / experiment).resolve().as_uri()
