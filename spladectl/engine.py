@@ -353,8 +353,8 @@ class Trainer:
             totals[name] = totals.get(name, 0.0) + value.detach() * share
 
     def _cached_backward(self, batch: MicroBatch, *, share: float, sync: bool):
-        """`_plain_backward`'s gradient with the activations of one chunk of texts alive at a time (gradient caching,
-        Gao et al. 2021).
+        """The gradient of the plain forward and backward in `train_step`, with the activations of one chunk of texts
+        alive at a time (gradient caching, Gao et al. 2021).
 
         Why: the plain step keeps every text's activations until its backward, so its memory grows with the
         micro-batch, and splitting the micro-batch (accumulation) takes in-batch negatives away. The loss needs only
