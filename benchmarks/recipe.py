@@ -61,12 +61,21 @@ def _previous(r):
     r["train"]["max-steps"] = r["train"]["max-steps"] // 2
 
 
+FIRST_ROUND = "{recipe-model}"  # in a mining option: the recipe's own seed-1 model of the same stage
+
+
+def _second_round(r):
+    """Negatives mined again, by the recipe's fine-tuned model (seed 1) fused with stemmed BM25, then trained from
+    the zero-shot model as before: harder negatives from a model that already knows the set."""
+    r["mine"]["rank-by"] = [f"{FIRST_ROUND}=0.5", "bm25:stem=0.5"]
+
+
 def _longer(r):
     """Twice the steps (5 epochs of SciFact): does the recipe stop before the model has learnt what it can?"""
     r["train"]["max-steps"] = r["train"]["max-steps"] * 2
 
 
-ABLATIONS = {"longer": _longer, "distill": _distill, "distill-kl": _distill_kl, "bm25-negatives": _bm25_negatives, "flops": _flops,
+ABLATIONS = {"second-round": _second_round, "longer": _longer, "distill": _distill, "distill-kl": _distill_kl, "bm25-negatives": _bm25_negatives, "flops": _flops,
              "previous": _previous}
 
 
@@ -105,8 +114,12 @@ def run_recipe(recipe: dict, data: Path, eval_split: str, seed: int, work: Path,
     work.mkdir(parents=True, exist_ok=True)
     mined = work / "mined.jsonl"
     if not mined.is_file():
+        first_round = work.parent / "recipe" / "seed1" / "final"
+        mine = [arg.replace(FIRST_ROUND, str(first_round)) for arg in options(recipe["mine"])]
+        if any(str(first_round) in arg for arg in mine) and not first_round.is_dir():
+            sys.exit(f"{first_round} is missing: run the recipe (seed 1) of this stage first")
         spladectl("data", "mine", "--data", str(data), "--split", "train", "--out", str(mined), "--no-progress",
-                  *options(recipe["mine"]), log=log)
+                  *mine, log=log)
     train_file = mined
     if "score" in recipe:
         train_file = work / "scored.jsonl"
