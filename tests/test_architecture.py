@@ -14,7 +14,7 @@ from tiny import config, examples
 from spladectl import hookspecs
 from spladectl.engine import Trainer
 from spladectl.errors import SpladectlError
-from spladectl.runs.request import TrainRequest
+from spladectl.request import TrainRequest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,3 +73,32 @@ def test_from_run_takes_only_options_that_leave_the_training_as_it_was():
     assert request_of("--from-run", "r1", "--tag", "again").from_run == "r1"
     with pytest.raises(SpladectlError, match="does not combine with --lr"):
         request_of("--from-run", "r1", "--lr", "1e-4")
+
+
+def test_one_place_builds_a_train_config():
+    import ast
+
+    builders = []
+    for path in sorted((REPO / "spladectl").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "TrainConfig":
+                builders.append(path.relative_to(REPO).as_posix())
+    assert builders == ["spladectl/request.py"]
+
+
+def test_train_and_bench_build_their_configs_alike(tmp_path):
+    from spladectl.bench.settings import BenchSettings
+    from spladectl.bench.step import make_config as bench_config
+    from spladectl.request import make_config
+
+    settings = BenchSettings(max_doc_length=96, gradient_checkpointing=True, seed=7)
+    measured = bench_config(settings, "bf16-mixed", 4, 3, str(tmp_path))
+    # what a bench measures is exactly what it was told, no profile fallback in between
+    assert (measured.precision, measured.batch_size, measured.grad_accum, measured.max_steps) == ("bf16-mixed", 4, 1, 3)
+    assert measured.max_doc_length == 96 and measured.gradient_checkpointing and measured.seed == 7
+    assert measured.n_negatives == 1 and measured.output_dir == str(tmp_path)
+
+    request = TrainRequest(lr=3e-5, n_negatives=None, memory_efficient=True, patience=2)
+    trained = make_config(request, {"batch_size": 8}, profile="cpu", defaults={"n_negatives": 2, "lr": 1.0})
+    assert trained.lr == 3e-5 and trained.n_negatives == 2  # the request beats the defaults, which fill its gaps
+    assert trained.gradient_checkpointing and trained.early_stopping_patience == 2 and trained.batch_size == 8

@@ -45,16 +45,18 @@ def estimate_step_flops(model_config: Any, query_tokens: tuple[int, int], doc_to
 
 
 def make_config(settings: BenchSettings, precision: str, batch_size: int, total_steps: int, output_dir: str):
-    from spladectl.config import TrainConfig
+    """The TrainConfig of one measured precision, built like a training's from a request, with the hardware settings
+    given exactly (a bench measures what it was asked to, so no profile fallback applies)."""
+    from spladectl.request import TrainRequest, make_config as config_of
 
-    return TrainConfig(
-        model=settings.model, output_dir=output_dir, profile=settings.profile, device=settings.device,
-        precision=precision, batch_size=batch_size, grad_accum=1, tf32=settings.tf32,
-        gradient_checkpointing=settings.gradient_checkpointing,
-        memory_efficient_head=settings.memory_efficient_head, dataloader_workers=settings.dataloader_workers,
-        max_query_length=settings.max_query_length, max_doc_length=settings.max_doc_length,
-        max_steps=total_steps, seed=settings.seed, n_negatives=1,
-    )
+    request = TrainRequest(model=settings.model, output_dir=output_dir, max_steps=total_steps, seed=settings.seed,
+                           n_negatives=1)
+    hardware = {"device": settings.device, "precision": precision, "batch_size": batch_size, "grad_accum": 1,
+                "tf32": settings.tf32, "gradient_checkpointing": settings.gradient_checkpointing,
+                "memory_efficient_head": settings.memory_efficient_head,
+                "dataloader_workers": settings.dataloader_workers, "max_query_length": settings.max_query_length,
+                "max_doc_length": settings.max_doc_length}
+    return config_of(request, hardware, profile=settings.profile)
 
 
 class _Run:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -44,6 +47,25 @@ WorldSizeOption = Annotated[
                                                          "default: WORLD_SIZE or 1.")
 ]
 
+_OVERRIDES = {"device": DeviceOption, "force_device": ForceDeviceOption, "precision": PrecisionOption,
+              "batch_size": BatchSizeOption, "grad_accum": GradAccumOption, "world_size": WorldSizeOption}
+
+
+def with_overrides(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command` the hardware overrides as options; it receives the ones given as one `flags` dict."""
+    signature = inspect.signature(command, eval_str=True)
+    kept = [p for p in signature.parameters.values() if p.name != "flags"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=option)
+             for name, option in _OVERRIDES.items()]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        given = {name: kwargs.pop(name, None) for name in _OVERRIDES}
+        return command(*args, flags={k: v for k, v in given.items() if v is not None}, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=kept + added)
+    return wrapper
+
 
 @profile_app.command("list")
 def list_profiles(json_: JsonOption = False) -> None:
@@ -62,21 +84,17 @@ def list_profiles(json_: JsonOption = False) -> None:
 
 
 @profile_app.command("show")
+@with_overrides
 def show(
     name: Annotated[str, typer.Argument(help="A profile name, or a path to a .toml file.")],
     resolve_: Annotated[
         bool, typer.Option("--resolve", help="Show the values this machine would use, with their sources.")
     ] = False,
     json_: JsonOption = False,
-    device: DeviceOption = None,
-    force_device: ForceDeviceOption = None,
-    precision: PrecisionOption = None,
-    batch_size: BatchSizeOption = None,
-    grad_accum: GradAccumOption = None,
-    world_size: WorldSizeOption = None,
+    *,
+    flags: dict[str, Any],
 ) -> None:
     """Show a profile as written, or with --resolve as it applies here (any override flag implies --resolve)."""
-    flags = _flags(device, force_device, precision, batch_size, grad_accum, world_size)
     profile = default_registry().get(name)
     if not (resolve_ or flags):
         if json_:
@@ -92,17 +110,9 @@ def show(
 
 
 @profile_app.command("detect")
-def detect_command(
-    json_: JsonOption = False,
-    device: DeviceOption = None,
-    force_device: ForceDeviceOption = None,
-    precision: PrecisionOption = None,
-    batch_size: BatchSizeOption = None,
-    grad_accum: GradAccumOption = None,
-    world_size: WorldSizeOption = None,
-) -> None:
+@with_overrides
+def detect_command(json_: JsonOption = False, *, flags: dict[str, Any]) -> None:
     """Detect this machine's hardware, pick the profile that fits best, and show how it would train."""
-    flags = _flags(device, force_device, precision, batch_size, grad_accum, world_size)
     facts = detect()
     registry = default_registry()
     name, score, why = pick_profile(facts, registry)
@@ -129,12 +139,6 @@ def detect_command(
 
 
 # ---- output -------------------------------------------------------------------------------------------------------
-
-def _flags(device, force_device, precision, batch_size, grad_accum, world_size=None) -> dict[str, Any]:
-    given = {"device": device, "force_device": force_device, "precision": precision, "batch_size": batch_size,
-             "grad_accum": grad_accum, "world_size": world_size}
-    return {key: value for key, value in given.items() if value is not None}
-
 
 def _summary(p: Profile) -> dict[str, Any]:
     return {

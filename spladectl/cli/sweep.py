@@ -41,7 +41,7 @@ def sweep(
     from spladectl.runs import experiment as experiments
     from spladectl.runs import options
     from spladectl.runs import sweep as sweeps
-    from spladectl.runs.request import TrainRequest
+    from spladectl.request import TrainRequest
     from spladectl.runs.training import RunTarget, run_training
 
     world = World.from_env()

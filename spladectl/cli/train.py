@@ -1,4 +1,4 @@
-"""`spladectl train`: its options become a TrainRequest (runs/request.py), `runs.training.run_training` runs it, and
+"""`spladectl train`: its options become a TrainRequest (request.py), `runs.training.run_training` runs it, and
 this module prints the summary.
 
 With no arguments it fine-tunes the embedded splade-tiny on the demo set shipped in the package and prints
@@ -19,7 +19,7 @@ import typer
 from spladectl.errors import SpladectlError
 from spladectl.launch import LAUNCH_OPTIONS
 from spladectl.runs import options
-from spladectl.runs.request import TrainRequest
+from spladectl.request import TrainRequest
 from spladectl.runs.training import TrainResult, run_training, shown
 
 DISTRIBUTED = "Distributed (torchrun)"

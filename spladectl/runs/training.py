@@ -18,7 +18,7 @@ from typing import Any
 from spladectl.config import TrainConfig
 from spladectl.errors import SpladectlError
 from spladectl.runs import options
-from spladectl.runs.request import TrainRequest
+from spladectl.request import TrainRequest, make_config
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 
@@ -324,27 +324,8 @@ def _new_config(request: TrainRequest, facts, tracks: list[str]) -> tuple[TrainC
     for spec in request.plugin:
         plugin_loading.add_plugin(spec)
 
-    config = TrainConfig(
-        model=request.model, data=request.data, data_split=request.split, profile=resolved.name, **resolved.values,
-        epochs=request.epochs or (DEMO_DEFAULTS["epochs"] if demo else 1), max_steps=request.max_steps,
-        lr=request.lr if request.lr is not None else (DEMO_DEFAULTS["lr"] if demo else TrainConfig.lr),
-        seed=request.seed, save_every=request.save_every, keep_last=request.keep_last, plugins=list(request.plugin),
-        memory_tracking=request.memory_tracking, track=tracks, eval_data=request.eval_data, eval_split=request.eval_split,
-        eval_every=request.eval_every, eval_metric=request.eval_metric, early_stopping_patience=request.patience,
-        in_batch_negatives=request.in_batch_negatives, cross_device_negatives=request.cross_device_negatives,
-        grad_cache_chunk=request.grad_cache_chunk,
-    )
-    n_negatives = request.n_negatives
-    if demo and n_negatives is None:
-        n_negatives = DEMO_DEFAULTS["n_negatives"]
-    for key in ("lambda_q", "lambda_d", "flops_warmup_steps", "flops_schedule", "regularizer", "distillation",
-                "distillation_weight", "scheduler", "warmup_ratio", "on_collapse"):
-        if getattr(request, key) is not None:
-            setattr(config, key, getattr(request, key))
-    if n_negatives is not None:
-        config.n_negatives = n_negatives
-    if request.memory_efficient:
-        config.gradient_checkpointing = True
+    defaults = {key: DEMO_DEFAULTS[key] for key in ("epochs", "lr", "n_negatives")} if demo else None
+    config = make_config(request, resolved.values, profile=resolved.name, defaults=defaults, tracks=tracks)
     return config, demo, settings_lines(resolved)
 
 
