@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from spladectl.config import TrainConfig
 from spladectl.errors import SpladectlError
 from spladectl.pooling import efficient_splade_pool, splade_max_pool
 from spladectl.precision import autocast_dtype, canonical_precision, low_precision_matmuls
@@ -235,6 +236,12 @@ class SpladeEncoder(nn.Module):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # -- encoding -----------------------------------------------------------------------------------------------------
+
+    def lengths(self, query: int | None = None, doc: int | None = None) -> tuple[int, int]:
+        """(query, document) token lengths: those given, else the ones the model was trained with, else a training's
+        defaults (for a model trained elsewhere: the zero-shot splade-tiny, a hub model)."""
+        return (int(query or self.max_query_length or TrainConfig.max_query_length),
+                int(doc or self.max_doc_length or TrainConfig.max_doc_length))
 
     @property
     def device(self) -> torch.device:

@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "spladectl.cli.runs",
     "spladectl.cli.eval",
     "spladectl.cli.search",
+    "spladectl.cli.export",
     "spladectl.cli.data",
     "spladectl.cli.bench",
     "spladectl.cli.profile",

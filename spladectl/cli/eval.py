@@ -8,10 +8,8 @@ from typing import Any, Optional
 
 import typer
 
+from spladectl.config import TrainConfig
 from spladectl.errors import SpladectlError
-
-DEFAULT_MAX_QUERY_LENGTH = 64
-DEFAULT_MAX_DOC_LENGTH = 256
 
 
 def register(app: typer.Typer) -> None:
@@ -45,10 +43,10 @@ def eval_command(
     ),
     threshold: float = typer.Option(0.0, "--threshold", min=0.0, help="Drop document weights at or below this."),
     max_query_length: Optional[int] = typer.Option(
-        None, "--max-query-length", min=1, help=f"Query tokens (default: the model's, else {DEFAULT_MAX_QUERY_LENGTH})."
+        None, "--max-query-length", min=1, help=f"Query tokens (default: the model's, else {TrainConfig.max_query_length})."
     ),
     max_doc_length: Optional[int] = typer.Option(
-        None, "--max-doc-length", min=1, help=f"Document tokens (default: the model's, else {DEFAULT_MAX_DOC_LENGTH})."
+        None, "--max-doc-length", min=1, help=f"Document tokens (default: the model's, else {TrainConfig.max_doc_length})."
     ),
     k: int = typer.Option(1000, "--k", min=1, help="Documents retrieved per query."),
     bm25_stem: Optional[bool] = typer.Option(
@@ -66,7 +64,7 @@ def eval_command(
     device, precision = resolve_device_precision(profile, device, precision)
     dataset = load_beir(data, split)
     encoder = load_encoder(model, device)
-    max_query_length, max_doc_length = model_lengths(encoder, max_query_length, max_doc_length)
+    max_query_length, max_doc_length = encoder.lengths(max_query_length, max_doc_length)
 
     rows: list[dict[str, Any]] = []
     result = encoder_run(encoder, dataset, precision=precision, device=device, batch_size=batch_size,
@@ -200,10 +198,3 @@ def load_encoder(model: str, device: str):
     except (OSError, ValueError) as exc:  # transformers: missing path, unknown hub name offline, bad config
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SpladectlError(f"--model: cannot load {model!r} ({detail})") from exc
-
-
-def model_lengths(encoder, max_query_length: int | None, max_doc_length: int | None) -> tuple[int, int]:
-    """The flags, else the lengths the model was trained with (its SPLADE metadata), else 64 / 256."""
-    query = max_query_length or getattr(encoder, "max_query_length", None) or DEFAULT_MAX_QUERY_LENGTH
-    doc = max_doc_length or getattr(encoder, "max_doc_length", None) or DEFAULT_MAX_DOC_LENGTH
-    return int(query), int(doc)

@@ -47,13 +47,13 @@ def search_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ) -> None:
     """Top documents of a BEIR corpus for QUERY, with scores, titles and the query's expanded terms."""
-    from spladectl.cli.eval import load_encoder, model_lengths, resolve_device_precision
+    from spladectl.cli.eval import load_encoder, resolve_device_precision
     from spladectl.data import load_corpus
 
     device, precision = resolve_device_precision(None, device, precision)
     corpus, titles = load_corpus(data)
     encoder = load_encoder(model, device)
-    max_query_length, max_doc_length = model_lengths(encoder, max_query_length, max_doc_length)
+    max_query_length, max_doc_length = encoder.lengths(max_query_length, max_doc_length)
     settings = dict(max_length=max_doc_length, batch_size=batch_size, precision=precision, device=device,
                     top_k=top_k_terms, threshold=threshold)
     doc_ids, docs, where = corpus_index(encoder, model, data, corpus, settings, cache=cache, show_progress=progress)
