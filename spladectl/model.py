@@ -237,6 +237,17 @@ class SpladeEncoder(nn.Module):
 
     # -- encoding -----------------------------------------------------------------------------------------------------
 
+    @staticmethod
+    def trained_lengths(name: str) -> tuple[int, int]:
+        """`lengths()` of a model by name, read from its splade_config.json without loading the weights."""
+        meta_file = Path(resolve_model_path(name)) / SPLADE_CONFIG_NAME
+        try:
+            metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        except (OSError, ValueError) as exc:
+            raise SpladectlError(f"{meta_file}: unreadable SPLADE metadata ({exc})") from exc
+        return (int(metadata.get("max_query_length") or TrainConfig.max_query_length),
+                int(metadata.get("max_doc_length") or TrainConfig.max_doc_length))
+
     def lengths(self, query: int | None = None, doc: int | None = None) -> tuple[int, int]:
         """(query, document) token lengths: those given, else the ones the model was trained with, else a training's
         defaults (for a model trained elsewhere: the zero-shot splade-tiny, a hub model)."""

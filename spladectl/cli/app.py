@@ -18,6 +18,8 @@ COMMAND_MODULES = (
     "spladectl.cli.eval",
     "spladectl.cli.search",
     "spladectl.cli.export",
+    "spladectl.cli.encode",
+    "spladectl.cli.index",
     "spladectl.cli.data",
     "spladectl.cli.bench",
     "spladectl.cli.profile",

@@ -49,6 +49,10 @@ def eval_command(
         None, "--max-doc-length", min=1, help=f"Document tokens (default: the model's, else {TrainConfig.max_doc_length})."
     ),
     k: int = typer.Option(1000, "--k", min=1, help="Documents retrieved per query."),
+    index: Optional[Path] = typer.Option(
+        None, "--index", help="Search this index (spladectl index) instead of encoding the corpus; it must have been "
+        "built from MODEL. Adds per-query latency (p50/p99) to --json.",
+    ),
     bm25_stem: Optional[bool] = typer.Option(
         None, "--bm25-stem/--no-bm25-stem", help="Stem for the BM25 baseline (default: when PyStemmer is installed)."
     ),
@@ -67,9 +71,20 @@ def eval_command(
     max_query_length, max_doc_length = encoder.lengths(max_query_length, max_doc_length)
 
     rows: list[dict[str, Any]] = []
-    result = encoder_run(encoder, dataset, precision=precision, device=device, batch_size=batch_size,
-                         max_query_length=max_query_length, max_doc_length=max_doc_length, top_k=top_k_terms,
-                         threshold=threshold, k=k, show_progress=progress)
+    if index is not None:
+        from spladectl.index import index_run, open_index
+
+        opened = open_index(index)
+        opened.check_model(model)
+        max_doc_length = opened.meta["max_length"]
+        query_ids = list(dataset.queries)
+        result = index_run(encoder, opened, query_ids, [dataset.queries[q] for q in query_ids],
+                           max_length=max_query_length, precision=precision, device=device, batch_size=batch_size,
+                           k=k, show_progress=progress)
+    else:
+        result = encoder_run(encoder, dataset, precision=precision, device=device, batch_size=batch_size,
+                             max_query_length=max_query_length, max_doc_length=max_doc_length, top_k=top_k_terms,
+                             threshold=threshold, k=k, show_progress=progress)
     stats = result.stats
     seconds = stats["encode_docs_seconds"] + stats["encode_queries_seconds"] + stats["retrieve_seconds"]
     rows.append({"name": model, **compute_metrics(dataset.qrels, result.run), **result.stats,

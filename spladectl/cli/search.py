@@ -28,7 +28,10 @@ def search_command(
     model: str = typer.Option(
         "splade-tiny", "--model", "-m", help="Model: splade-tiny, a local directory or a hub name."
     ),
-    data: Path = typer.Option(..., "--data", "-d", help="BEIR directory (only corpus.jsonl is needed)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="BEIR directory (only corpus.jsonl is needed); "
+                                        "with --index, only for titles and snippets."),
+    index: Optional[Path] = typer.Option(None, "--index", help="Search this index (spladectl index) instead of "
+                                         "encoding the corpus; it must have been built from MODEL."),
     k: int = typer.Option(10, "--k", min=1, help="Documents to show."),
     terms: int = typer.Option(20, "--terms", min=0, help="Expanded query terms to show."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per query)."),
@@ -50,19 +53,39 @@ def search_command(
     from spladectl.cli.eval import load_encoder, resolve_device_precision
     from spladectl.data import load_corpus
 
+    from spladectl.errors import SpladectlError
+
+    if data is None and index is None:
+        raise SpladectlError("give --data (a BEIR directory to search) or --index (a built index)")
     device, precision = resolve_device_precision(None, device, precision)
-    corpus, titles = load_corpus(data)
+    corpus, titles = load_corpus(data) if data is not None else ({}, {})
     encoder = load_encoder(model, device)
     max_query_length, max_doc_length = encoder.lengths(max_query_length, max_doc_length)
-    settings = dict(max_length=max_doc_length, batch_size=batch_size, precision=precision, device=device,
-                    top_k=top_k_terms, threshold=threshold)
-    doc_ids, docs, where = corpus_index(encoder, model, data, corpus, settings, cache=cache, show_progress=progress)
-    if not as_json and where:
-        typer.echo(f"(corpus index: {where})", err=True)
+    if index is not None:
+        from spladectl.index import open_index
+
+        opened = open_index(index)
+        opened.check_model(model)
+
+        def find(vector, k: int) -> list[tuple[str, float]]:
+            return opened.search(vector, k)[0]
+    else:
+        settings = dict(max_length=max_doc_length, batch_size=batch_size, precision=precision, device=device,
+                        top_k=top_k_terms, threshold=threshold)
+        doc_ids, docs, where = corpus_index(encoder, model, data, corpus, settings, cache=cache,
+                                            show_progress=progress)
+        if not as_json and where:
+            typer.echo(f"(corpus index: {where})", err=True)
+
+        def find(vector, k: int) -> list[tuple[str, float]]:
+            from spladectl.evaluate import retrieve
+
+            indices, scores = retrieve(vector, docs, k)
+            return [(doc_ids[i], float(score)) for i, score in zip(indices[0], scores[0]) if score > 0]
 
     def answer(text: str) -> None:
-        result = search_once(encoder, text, doc_ids, docs, corpus, titles, k=k, n_terms=terms,
-                             max_length=max_query_length, precision=precision, device=device)
+        result = search_once(encoder, text, find, corpus, titles, k=k, n_terms=terms, max_length=max_query_length,
+                             precision=precision, device=device)
         typer.echo(json.dumps(result, ensure_ascii=False) if as_json else _format(result))
 
     if query is not None:
@@ -78,21 +101,17 @@ def search_command(
         answer(text)
 
 
-def search_once(encoder, text: str, doc_ids: list[str], docs: sp.csr_matrix, corpus: dict[str, str],
-                titles: dict[str, str], *, k: int, n_terms: int, max_length: int, precision: str,
-                device: str) -> dict[str, Any]:
+def search_once(encoder, text: str, find, corpus: dict[str, str], titles: dict[str, str], *, k: int, n_terms: int,
+                max_length: int, precision: str, device: str) -> dict[str, Any]:
+    """The top k of one query: `find(query vector, k)` gives (doc id, score) pairs, best first."""
     from spladectl.encoding import encode_sparse, top_terms
-    from spladectl.evaluate import retrieve
 
     vector = encode_sparse(encoder, [text], max_length=max_length, batch_size=1, precision=precision, device=device)
-    indices, scores = retrieve(vector, docs, k)
     results = []
-    for rank, (i, score) in enumerate(zip(indices[0], scores[0]), start=1):
-        if score <= 0:
-            break  # nothing shared with the query: not a match
-        doc_id = doc_ids[i]
+    for rank, (doc_id, score) in enumerate(find(vector, k), start=1):
         title = titles.get(doc_id, "")
-        body = corpus[doc_id][len(title):].strip() if title and corpus[doc_id].startswith(title) else corpus[doc_id]
+        text_of = corpus.get(doc_id, "")
+        body = text_of[len(title):].strip() if title and text_of.startswith(title) else text_of
         results.append({"rank": rank, "doc_id": doc_id, "score": round(float(score), 4), "title": title,
                         "snippet": _snippet(body)})
     expanded = [{"term": t, "weight": round(w, 4)} for t, w in top_terms(vector, encoder.tokenizer, n_terms)]

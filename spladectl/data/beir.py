@@ -74,20 +74,26 @@ def read_corpus(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     first_line: dict[str, int] = {}
     for number, record in iter_jsonl(path):
         at = where(path, number)
-        doc_id = require_id(record, "_id", at)
-        title = record.get("title") or ""
-        if not isinstance(title, str):
-            raise DataError(f"{at}: field 'title' must be a string")
-        text = require_text(record, "text", at, allow_empty=True)
-        joined = f"{title.strip()} {text.strip()}".strip()
-        if not joined:
-            raise DataError(f"{at}: document '{doc_id}' has an empty title and text")
+        doc_id, title, joined = corpus_entry(record, at)
         if doc_id in texts:
             raise DataError(f"{at}: duplicate document id '{doc_id}' (first on line {first_line[doc_id]})")
         texts[doc_id], titles[doc_id], first_line[doc_id] = joined, title.strip(), number
     if not texts:
         raise DataError(f"{path}: no documents")
     return texts, titles
+
+
+def corpus_entry(record: dict, at: str, *, id_key: str = "_id", text_key: str = "text") -> tuple[str, str, str]:
+    """(id, title, "title text") of one corpus.jsonl record; a missing title is fine, an empty document is not."""
+    doc_id = require_id(record, id_key, at)
+    title = record.get("title") or ""
+    if not isinstance(title, str):
+        raise DataError(f"{at}: field 'title' must be a string")
+    text = require_text(record, text_key, at, allow_empty=True)
+    joined = f"{title.strip()} {text.strip()}".strip()
+    if not joined:
+        raise DataError(f"{at}: document '{doc_id}' has an empty title and text")
+    return doc_id, title.strip(), joined
 
 
 def read_queries(path: Path) -> dict[str, str]:
