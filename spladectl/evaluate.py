@@ -53,8 +53,16 @@ def retrieve(
     Ties are broken by the lower document index, so results are deterministic. Scores of 0 (no shared term) are
     returned like any other; run_from_results drops them.
     """
-    query_matrix = sp.csr_matrix(query_matrix, dtype=np.float32)
     inverted = sp.csr_matrix(doc_matrix, dtype=np.float32).T.tocsr()  # (vocab, n_docs): term -> documents
+    return retrieve_inverted(query_matrix, inverted, k, block_size=block_size)
+
+
+def retrieve_inverted(
+    query_matrix: sp.spmatrix, inverted: sp.csr_matrix, k: int = 1000, *, block_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`retrieve` against an inverted index already built: `inverted` is (vocab, n_docs), term -> documents, so that
+    an index searched many times transposes its documents once."""
+    query_matrix = sp.csr_matrix(query_matrix, dtype=np.float32)
     n_q, n_d = query_matrix.shape[0], inverted.shape[1]
     k = min(k, n_d)
     indices = np.zeros((n_q, k), dtype=np.int64)

@@ -181,7 +181,7 @@ class SparseIndex:
         self.kind = meta["kind"]
         self.settings = SeismicSettings(**meta.get("settings", {})) if self.kind == "seismic" else None
         if self.kind == "exact":
-            self._matrix = sp.load_npz(self.path / "vectors.npz")
+            self._inverted = sp.load_npz(self.path / "vectors.npz").T.tocsr()  # term -> documents, built once
         else:
             _require_seismic()
             from seismic import SeismicIndex
@@ -208,13 +208,13 @@ class SparseIndex:
         `threads` to every core (0)."""
         queries = sp.csr_matrix(queries, dtype=np.float32)
         if self.kind == "exact":
-            from spladectl.evaluate import retrieve
+            from spladectl.evaluate import retrieve_inverted
 
-            columns = self._matrix.shape[1]
+            columns = self._inverted.shape[0]
             if queries.shape[1] != columns:
                 queries = sp.csr_matrix((queries.data, queries.indices, queries.indptr),
                                         shape=(queries.shape[0], columns))
-            indices, scores = retrieve(queries, self._matrix, k)
+            indices, scores = retrieve_inverted(queries, self._inverted, k)
             return [[(self.doc_ids[i], float(s)) for i, s in zip(row, row_scores) if s > 0]
                     for row, row_scores in zip(indices, scores)]
         import seismic

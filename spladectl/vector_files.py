@@ -1,6 +1,6 @@
 """`spladectl encode`: a corpus or query file as sparse vectors on disk, in shards that survive an interruption.
 
-OUT/manifest.json says what was encoded and how (model, input file, format, length, precision, quantisation) and
+OUT/shards/ holds the vectors, OUT/manifest.json says what was encoded and how (model, input file, format, length, precision, quantisation) and
 which shards are finished. Shard k holds inputs k × shard_size ... (k + 1) × shard_size - 1 in input order, so the
 files do not depend on how many processes wrote them. Each shard and each manifest update is written to a temporary
 file and renamed: after a kill, every shard named in the manifest is whole, and running the same command again
@@ -25,6 +25,7 @@ from spladectl.errors import SpladectlError
 from spladectl.vector_formats import ANSERINI_SCALE, FORMATS, suffix, write_companions, write_shard
 
 MANIFEST = "manifest.json"
+SHARDS = "shards"  # a folder of its own, so an engine pointed at it sees nothing but vectors (Anserini reads every file)
 _VERSION = 1
 
 
@@ -153,18 +154,20 @@ class _Worker:
         vectors = [(text_id, text, matrix.indices[matrix.indptr[i]:matrix.indptr[i + 1]],
                     matrix.data[matrix.indptr[i]:matrix.indptr[i + 1]]) for i, (text_id, text) in enumerate(rows)]
         name = f"shard-{index:05d}{suffix(job.fmt, job.kind)}"
-        handle = tempfile.NamedTemporaryFile(dir=out, prefix=f".{name}.", suffix=".partial", delete=False)
+        folder = out / SHARDS
+        folder.mkdir(exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}.", suffix=".partial", delete=False)
         try:
             with handle:
                 write_shard(job.fmt, handle, vectors, tokens=self.tokens, kind=job.kind, scale=job.scale,
                             first_position=index * job.shard_size)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(handle.name, out / name)
+            os.replace(handle.name, folder / name)
         except BaseException:
             Path(handle.name).unlink(missing_ok=True)
             raise
-        return {"file": name, "count": len(rows), "terms": int(matrix.nnz), "first_id": rows[0][0]}
+        return {"file": f"{SHARDS}/{name}", "count": len(rows), "terms": int(matrix.nnz), "first_id": rows[0][0]}
 
 
 _worker: _Worker | None = None

@@ -104,7 +104,7 @@ def torchrun_run(tmp_path_factory, data):
     result = spladectl("train", "--data", str(data), "-o", str(out), *PER_PROCESS, *SMALL, "--max-steps", "4",
                        "--save-every", "2", "--memory-tracking", "--plugin", "dist_plugins:RankProbe",
                        "--plugin", "docs_distributed_example", "--json", torchrun=True, probe_dir=probes)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, " ".join(result.stderr.split())[-3000:]
     return out, probes, result
 
 
@@ -114,7 +114,7 @@ def global_batch_run(tmp_path_factory, data):
     root = tmp_path_factory.mktemp("global-batch")
     result = spladectl("train", "--data", str(data), "-o", str(root / "out"), *PER_PROCESS, *SMALL,
                        "--max-steps", "3", "--plugin", "dist_plugins:NoDropout")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, " ".join(result.stderr.split())[-3000:]
     single = single_process(root / "single", data, batch_size=4, grad_accum=2, max_steps=3)
     return root, metrics(root / "out"), single
 
@@ -127,7 +127,7 @@ def grad_cache_run(tmp_path_factory, data):
     result = spladectl("train", "--data", str(data), "-o", str(root / "out"), *PER_PROCESS, *SMALL,
                        "--max-steps", "3", "--grad-cache-chunk", "1", "--plugin", "dist_plugins:NoDropout",
                        "--plugin", "dist_plugins:PlainSGD")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, " ".join(result.stderr.split())[-3000:]
     single = single_process(root / "single", data, dist_plugins.PlainSGD(), batch_size=4, grad_accum=2, max_steps=3)
     return root, metrics(root / "out"), single
 
@@ -265,7 +265,7 @@ def test_the_documented_distributed_plugin_example_gathers_from_every_rank(torch
 def test_every_rank_stops_early_when_rank_0_decides_to(early_stopping_run):
     # Had rank 1 gone on to step 3, it would have waited there for rank 0, which saved and left: a failed run.
     out, result = early_stopping_run
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, " ".join(result.stderr.split())[-3000:]
     assert result.stdout.count("early stopping at step 2") == 1
     assert [r["step"] for r in metrics(out)] == [1, 2]
     assert [json.loads(line)["step"] for line in (out / "eval.jsonl").read_text().splitlines()] == [1, 2]
@@ -280,7 +280,7 @@ def test_every_rank_resumes_from_the_checkpoint_rank_0_wrote(torchrun_run, data,
     shutil.copy(reference / "metrics.jsonl", out / "metrics.jsonl")
     result = spladectl("train", "--data", str(data), "-o", str(out), *PER_PROCESS, *SMALL, "--max-steps", "4",
                        "--resume", "latest")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, " ".join(result.stderr.split())[-3000:]
     assert "resumed from" in result.stdout and result.stdout.count("resumed from") == 1
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(reference)]
     resumed, straight = weights(out / "final"), weights(reference / "final")
@@ -295,7 +295,7 @@ def test_a_distributed_training_is_one_run_written_by_rank_0(data, tmp_path, cli
     root = tmp_path / "runs"
     result = spladectl("train", "--data", str(data), "--runs-root", str(root), "--name", "two", *PER_PROCESS, *SMALL,
                        "--max-steps", "2", "--track", "tensorboard", "--json")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, " ".join(result.stderr.split())[-3000:]
     (run_dir,) = [path for path in root.iterdir() if path.is_dir()]
     record = json.loads((run_dir / "run.json").read_text())
     assert (record["status"], record["world_size"], record["error"]) == ("finished", 2, None)

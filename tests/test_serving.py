@@ -70,8 +70,8 @@ def test_jsonl_and_parquet_carry_spladectls_vectors(cli, small_scifact, referenc
     manifest = json.loads((tmp_path / "jsonl" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["count"] == 300 and len(manifest["shards"]) == 3  # 128 + 128 + 44
     records = [json.loads(line) for name in ("shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl")
-               for line in (tmp_path / "jsonl" / name).read_text().splitlines()]
-    table = pq.read_table([tmp_path / "parquet" / f"shard-0000{i}.parquet" for i in range(3)])
+               for line in (tmp_path / "jsonl" / "shards" / name).read_text().splitlines()]
+    table = pq.read_table([tmp_path / "parquet" / "shards" / f"shard-0000{i}.parquet" for i in range(3)])
     assert [r["id"] for r in records] == table["id"].to_pylist() == reference["doc_ids"]  # input order
     tokens = reference["tokens"]
     for i in (0, 150, 299):
@@ -84,12 +84,12 @@ def test_jsonl_and_parquet_carry_spladectls_vectors(cli, small_scifact, referenc
 def test_anserini_writes_integer_impacts_and_pretokenized_queries(cli, small_scifact, reference, tmp_path):
     encode(cli, small_scifact, tmp_path / "docs", "-f", "anserini")
     encode(cli, small_scifact, tmp_path / "queries", "-f", "anserini", "--queries", "--quantize", "50")
-    first = json.loads((tmp_path / "docs" / "shard-00000.jsonl").read_text().splitlines()[0])
+    first = json.loads((tmp_path / "docs" / "shards" / "shard-00000.jsonl").read_text().splitlines()[0])
     assert set(first) == {"id", "contents", "vector"} and first["contents"] == reference["texts"][first["id"]]
     tokens = reference["tokens"]
     want = {tokens[t]: round(w * 100) for t, w in row(reference["docs"], 0).items() if round(w * 100) > 0}
     assert first["vector"] == want and all(isinstance(v, int) for v in want.values())
-    qid, words = (tmp_path / "queries" / "shard-00000.tsv").read_text().splitlines()[0].split("\t")
+    qid, words = (tmp_path / "queries" / "shards" / "shard-00000.tsv").read_text().splitlines()[0].split("\t")
     assert qid == reference["query_ids"][0]
     counts = {tokens[t]: round(w * 50) for t, w in row(reference["queries"], 0).items() if round(w * 50) > 0}
     assert {w: words.split().count(w) for w in set(words.split())} == counts  # each token repeated by its impact
@@ -99,7 +99,7 @@ def test_opensearch_and_elasticsearch_bulk_files_mappings_and_queries(cli, small
     for engine in ("opensearch", "elasticsearch"):
         encode(cli, small_scifact, tmp_path / engine, "-f", engine)
         encode(cli, small_scifact, tmp_path / f"{engine}-q", "-f", engine, "--queries")
-        lines = (tmp_path / engine / "shard-00000.ndjson").read_text().splitlines()
+        lines = (tmp_path / engine / "shards" / "shard-00000.ndjson").read_text().splitlines()
         assert len(lines) == 2 * 128
         action, source = json.loads(lines[0]), json.loads(lines[1])
         assert action == {"index": {"_id": reference["doc_ids"][0]}}
@@ -107,7 +107,7 @@ def test_opensearch_and_elasticsearch_bulk_files_mappings_and_queries(cli, small
         mapping = json.loads((tmp_path / engine / "mapping.json").read_text())
         field_type = mapping["mappings"]["properties"]["splade"]["type"]
         assert field_type == {"opensearch": "rank_features", "elasticsearch": "sparse_vector"}[engine]
-        query = json.loads((tmp_path / f"{engine}-q" / "shard-00000.jsonl").read_text().splitlines()[0])
+        query = json.loads((tmp_path / f"{engine}-q" / "shards" / "shard-00000.jsonl").read_text().splitlines()[0])
         assert query["id"] == reference["query_ids"][0] and "query" in query["body"]
     dotted = [t for t in reference["tokens"] if "." in t][:1]
     assert dotted and json.dumps(dotted[0].replace(".", "%2E"))  # the escape docs/serving.md documents
@@ -124,12 +124,12 @@ def test_qdrant_export_in_qdrant_client_gives_exact_searchs_top10(cli, small_sci
     client = QdrantClient(path=str(tmp_path / "qdrant"))  # embedded local mode: the real client, no server
     client.create_collection("scifact", vectors_config={}, sparse_vectors_config={
         name: models.SparseVectorParams(**params) for name, params in config["sparse_vectors_config"].items()})
-    points = [json.loads(line) for shard in sorted((tmp_path / "docs").glob("shard-*.jsonl"))
+    points = [json.loads(line) for shard in sorted((tmp_path / "docs" / "shards").glob("shard-*.jsonl"))
               for line in shard.read_text().splitlines()]
     client.upsert("scifact", [models.PointStruct(id=p["id"], vector={name: models.SparseVector(**v)
                                                                      for name, v in p["vector"].items()},
                                                  payload=p["payload"]) for p in points])
-    queries = [json.loads(line) for line in (tmp_path / "queries" / "shard-00000.jsonl").read_text().splitlines()]
+    queries = [json.loads(line) for line in (tmp_path / "queries" / "shards" / "shard-00000.jsonl").read_text().splitlines()]
     indices, scores = retrieve(reference["queries"], reference["docs"], 10)
     for q, (row_indices, row_scores) in zip(queries, zip(indices, scores)):
         hits = client.query_points("scifact", query=models.SparseVector(**q["query"]), using=q["using"],
@@ -157,23 +157,23 @@ def test_an_interrupted_encode_continues_and_ends_with_the_same_files(cli, small
     cli("encode", "-d", str(small_scifact), "-o", str(tmp_path / "cut"), *LENGTH, "--shard-size", "128")
     manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
     assert not manifest["complete"] and sorted(manifest["shards"]) == ["0", "1"]
-    assert not list((tmp_path / "cut").glob(".shard-*"))  # no partial shard left behind
+    assert not list((tmp_path / "cut" / "shards").glob(".shard-*"))  # no partial shard left behind
     monkeypatch.undo()
     summary = json.loads(encode(cli, small_scifact, tmp_path / "cut", "-f", "jsonl", "--json").stdout)
     assert summary["encoded_now"] == 300 - 256  # only the missing shard
-    for name in ("shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl"):
+    for name in ("shards/shard-00000.jsonl", "shards/shard-00001.jsonl", "shards/shard-00002.jsonl"):
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
 
 
 def test_two_processes_write_the_same_files_as_one(cli, small_scifact, tmp_path):
     encode(cli, small_scifact, tmp_path / "one", "-f", "parquet", "--shard-size", "100")
     encode(cli, small_scifact, tmp_path / "two", "-f", "parquet", "--shard-size", "100", "--nproc", "2")
-    one = sorted(p.name for p in (tmp_path / "one").glob("shard-*"))
-    assert one == sorted(p.name for p in (tmp_path / "two").glob("shard-*")) and len(one) == 3
+    one = sorted(p.name for p in (tmp_path / "one" / "shards").glob("shard-*"))
+    assert one == sorted(p.name for p in (tmp_path / "two" / "shards").glob("shard-*")) and len(one) == 3
     import pyarrow.parquet as pq
 
     for name in one:
-        a, b = pq.read_table(tmp_path / "one" / name), pq.read_table(tmp_path / "two" / name)
+        a, b = pq.read_table(tmp_path / "one" / "shards" / name), pq.read_table(tmp_path / "two" / "shards" / name)
         assert a["id"].equals(b["id"]) and a["term_ids"].equals(b["term_ids"])
         assert np.allclose(np.concatenate(a["weights"].to_numpy()), np.concatenate(b["weights"].to_numpy()),
                            atol=1e-5)  # other thread counts may round the last float bit differently
@@ -207,7 +207,7 @@ def test_bad_input_is_one_clear_error_and_nothing_is_left_half_written(cli, smal
     bad.write_text('{"_id": "a", "text": "fine"}\n{"_id": "b", "text": \n')
     result = cli("encode", "-d", str(bad), "-o", str(tmp_path / "o1"), *LENGTH, env=WIDE)
     assert result.exit_code == 2 and f"{bad}:2: invalid JSON" in result.output
-    assert not list((tmp_path / "o1").glob("shard-*"))
+    assert not (tmp_path / "o1" / "shards").exists()
     dup = tmp_path / "dup.tsv"
     dup.write_text("a\tfirst text\nb\tsecond\na\tagain\n")
     result = cli("encode", "-d", str(dup), "-o", str(tmp_path / "o2"), *LENGTH, env=WIDE)

@@ -165,29 +165,13 @@ def resolve_device_precision(profile: str | None, device: str | None, precision:
     if precision is not None:
         precision = canonical_precision(precision, where="--precision")
     flags = {key: value for key, value in (("device", device), ("precision", precision)) if value is not None}
-    try:
-        from spladectl.resolve import resolve_for_machine
-    except ImportError:  # resolve.py arrives with the profiles issue; until then, decide from the hardware alone
-        resolve_for_machine = None
-    if resolve_for_machine is not None:
-        resolved = resolve_for_machine(profile, flags=flags)
-        device, precision = resolved.device, resolved.precision
-    else:
-        device = device or _best_device()
-        precision = precision or ("bf16-mixed" if _native_bf16(device) else "32-true")
+    from spladectl.resolve import resolve_for_machine
+
+    resolved = resolve_for_machine(profile, flags=flags)
+    device, precision = resolved.device, resolved.precision
     if precision == "16-mixed":
         precision = "bf16-mixed" if _native_bf16(device) else "32-true"
     return device, precision
-
-
-def _best_device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def _native_bf16(device: str) -> bool:

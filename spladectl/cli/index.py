@@ -29,8 +29,8 @@ def index_command(
     query_cut: Annotated[int, typer.Option("--query-cut", min=0, help="Seismic search default: query terms used, "
                                                                       "heaviest first (0: all).")] = 0,
     heap_factor: Annotated[float, typer.Option("--heap-factor", min=0.0, max=1.0,
-                                               help="Seismic search default: lower scans fewer blocks (faster, "
-                                                    "less exact).")] = 0.9,
+                                               help="Seismic search default: lower scans more blocks (slower, "
+                                                    "closer to exact).")] = 0.9,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="A progress bar on stderr.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was built as JSON.")] = False,
