@@ -42,8 +42,10 @@ def encode_command(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="A progress bar on stderr.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Encode every document (or query) of DATA into OUT in the format a search engine ingests, streaming in
-    shards: memory stays flat whatever the corpus size, and an interrupted encode continues where it stopped."""
+    """Encode a corpus (or its queries) into sparse vectors for a search engine.
+
+    Streams in shards: memory stays flat whatever the corpus size, and running the same command again continues an
+    interrupted encode where it stopped."""
     from spladectl.cli.eval import resolve_device_precision
     from spladectl.vector_files import EncodeJob, encode_to
 

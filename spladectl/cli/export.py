@@ -25,8 +25,10 @@ def export_command(
                                                                 "export is complete).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
 ) -> None:
-    """Export MODEL to OUT, with the query and document lengths it was trained with and a model card (README.md)
-    naming its training run and evaluation numbers."""
+    """Write MODEL as a sentence-transformers, Hugging Face or ONNX model.
+
+    OUT carries the query and document lengths the model was trained with and a model card (README.md) naming its
+    training run and evaluation numbers; it is written whole or not at all."""
     from spladectl.export import export_model
 
     result = export_model(model, out, fmt, overwrite=overwrite)

@@ -35,8 +35,9 @@ def index_command(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="A progress bar on stderr.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was built as JSON.")] = False,
 ) -> None:
-    """Build an index of the encoded documents in VECTORS; `spladectl search --index OUT` and `spladectl eval
-    --index OUT` search it."""
+    """Build a Seismic (or exact) index of encoded documents.
+
+    `spladectl search --index OUT` and `spladectl eval --index OUT` search it."""
     from spladectl.index import SeismicSettings, build_index
 
     settings = SeismicSettings(n_postings=n_postings, centroid_fraction=centroid_fraction,
