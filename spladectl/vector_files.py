@@ -99,8 +99,8 @@ def encode_to(job: EncodeJob, out: str | os.PathLike, *, nproc: int = 1, overwri
     started = time.perf_counter()
     from tqdm.auto import tqdm
 
-    with tqdm(total=remaining, unit=job.kind[:-1], desc=f"encoding {job.kind}", disable=not progress,
-              dynamic_ncols=True) as bar:
+    unit = "document" if job.kind == "documents" else "query"
+    with tqdm(total=remaining, unit=unit, desc=f"encoding {job.kind}", disable=not progress, dynamic_ncols=True) as bar:
         def finished(index: int, record: dict[str, Any]) -> None:
             manifest["shards"][str(index)] = record
             _save(out, manifest)
