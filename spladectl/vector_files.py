@@ -92,6 +92,10 @@ def encode_to(job: EncodeJob, out: str | os.PathLike, *, nproc: int = 1, overwri
         manifest["count"] = check_texts(job.source, job.kind)  # every line checked before anything is encoded
         manifest["companions"] = write_companions(job.fmt, out)
         _save(out, manifest)
+    # Temporary files of a run that was killed (kill -9 leaves them): never part of the output, and an engine
+    # pointed at shards/ must not read them.
+    for stale in [*(out / SHARDS).glob(".shard-*.partial"), *out.glob(f".{MANIFEST}.*")]:
+        stale.unlink(missing_ok=True)
     done = {int(k) for k, shard in manifest["shards"].items() if (out / shard["file"]).is_file()}
     remaining = manifest["count"] - sum(manifest["shards"][str(k)]["count"] for k in done)
     if done:

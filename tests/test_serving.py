@@ -159,10 +159,13 @@ def test_an_interrupted_encode_continues_and_ends_with_the_same_files(cli, small
     assert not manifest["complete"] and sorted(manifest["shards"]) == ["0", "1"]
     assert not list((tmp_path / "cut" / "shards").glob(".shard-*"))  # no partial shard left behind
     monkeypatch.undo()
+    (tmp_path / "cut" / "shards" / ".shard-00002.jsonl.x1.partial").write_text('{"id": "half a')  # as kill -9 leaves
     summary = json.loads(encode(cli, small_scifact, tmp_path / "cut", "-f", "jsonl", "--json").stdout)
     assert summary["encoded_now"] == 300 - 256  # only the missing shard
     for name in ("shards/shard-00000.jsonl", "shards/shard-00001.jsonl", "shards/shard-00002.jsonl"):
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "cut" / "shards").iterdir()) == [
+        "shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl"]  # the stale temporary file is gone
 
 
 def test_two_processes_write_the_same_files_as_one(cli, small_scifact, tmp_path):
