@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from spladectl.data.cache import staged_directory
 from spladectl.errors import SpladectlError
 from spladectl.model import SPLADE_CONFIG_NAME, SpladeEncoder
 
@@ -40,16 +41,10 @@ def export_model(model: str, out: str | os.PathLike, fmt: str, *, overwrite: boo
     encoder.eval()
     lengths = encoder.lengths()
     run = training_run(encoder.source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staged_directory(out) as staging:
         with _quiet():
             writer(encoder, staging, lengths)
         (staging / "README.md").write_text(model_card(model, fmt, lengths, run))
-        _replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return {"model": model, "format": fmt, "out": str(out), "files": sorted(p.name for p in out.iterdir()),
             "max_query_length": lengths[0], "max_doc_length": lengths[1], "run": run.get("id") if run else None}
 
@@ -61,15 +56,6 @@ def _require(fmt: str) -> None:
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         raise SpladectlError(f"--format {fmt} needs {', '.join(missing)}, which is not installed", hint=_EXTRA_HINT)
-
-
-def _replace(staging: Path, out: Path) -> None:
-    """Move the finished staging directory to `out`; an existing `out` is moved aside first and deleted last."""
-    aside = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(aside)
-    staging.rename(out)
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from spladectl.data.cache import staged_directory
 from spladectl.errors import SpladectlError
 from spladectl.vector_files import model_signature, read_manifest, shard_files
 from spladectl.vector_formats import read_shard
@@ -66,10 +66,8 @@ def build_index(vectors: str | os.PathLike, out: str | os.PathLike, *, kind: str
         _require_seismic()
     started = time.perf_counter()
     ids, matrix = _read_vectors(vectors, manifest, progress=progress)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged_directory(out) as staging:
+        staging.mkdir()
         (staging / "doc_ids.txt").write_text("".join(i + "\n" for i in ids), encoding="utf-8")
         present = np.bincount(matrix.indices, minlength=matrix.shape[1]).astype(np.float32) / max(len(ids), 1)
         np.save(staging / "term_document_fraction.npy", present)  # for FLOPS, without the documents
@@ -82,13 +80,6 @@ def build_index(vectors: str | os.PathLike, out: str | os.PathLike, *, kind: str
                 "terms": int(matrix.nnz), "vocab_size": int(matrix.shape[1]), "source": str(Path(vectors).resolve()),
                 "settings": settings.__dict__ if kind == "seismic" else {}}
         (staging / INDEX_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        aside = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(aside)
-        staging.rename(out)
-        shutil.rmtree(aside, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     size = sum(p.stat().st_size for p in out.iterdir())
     return {**meta, "out": str(out), "seconds": round(time.perf_counter() - started, 2), "bytes": size}
 
@@ -191,11 +182,12 @@ class SparseIndex:
 
     def check_model(self, model: str) -> None:
         """Queries from `model` may be scored against this index only if it was built from the same model."""
-        if model != self.meta["model"] and model_signature(model) != self.meta["model_files"]:
+        files = model_signature(model)
+        if model != self.meta["model"] and files != self.meta["model_files"]:
             raise SpladectlError(f"{self.path} was built from model {self.meta['model']!r}, not {model!r}",
                                  hint=f"search it with --model {self.meta['model']}, or encode and index the corpus "
                                       "with this model")
-        if model_signature(model) != self.meta["model_files"]:
+        if files != self.meta["model_files"]:
             raise SpladectlError(f"{self.path}: model {model!r} changed since the index was built (its files differ)",
                                  hint="encode and index the corpus again")
 

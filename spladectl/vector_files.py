@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from spladectl.data.cache import file_signature
+from spladectl.data.cache import file_signature, write_atomically
 from spladectl.data.texts import check_texts, iter_texts, text_file
 from spladectl.errors import SpladectlError
 from spladectl.vector_formats import ANSERINI_SCALE, FORMATS, suffix, write_companions, write_shard
@@ -158,19 +157,10 @@ class _Worker:
         vectors = [(text_id, text, matrix.indices[matrix.indptr[i]:matrix.indptr[i + 1]],
                     matrix.data[matrix.indptr[i]:matrix.indptr[i + 1]]) for i, (text_id, text) in enumerate(rows)]
         name = f"shard-{index:05d}{suffix(job.fmt, job.kind)}"
-        folder = out / SHARDS
-        folder.mkdir(exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}.", suffix=".partial", delete=False)
-        try:
-            with handle:
-                write_shard(job.fmt, handle, vectors, tokens=self.tokens, kind=job.kind, scale=job.scale,
-                            first_position=index * job.shard_size)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(handle.name, folder / name)
-        except BaseException:
-            Path(handle.name).unlink(missing_ok=True)
-            raise
+        (out / SHARDS).mkdir(exist_ok=True)
+        write_atomically(out / SHARDS / name, lambda handle: write_shard(
+            job.fmt, handle, vectors, tokens=self.tokens, kind=job.kind, scale=job.scale,
+            first_position=index * job.shard_size))
         return {"file": f"{SHARDS}/{name}", "count": len(rows), "terms": int(matrix.nnz), "first_id": rows[0][0]}
 
 
@@ -241,12 +231,8 @@ def _open_output(out: Path, identity: dict[str, Any], *, overwrite: bool) -> dic
 
 
 def _save(out: Path, manifest: dict[str, Any]) -> None:
-    handle = tempfile.NamedTemporaryFile("w", dir=out, prefix=f".{MANIFEST}.", delete=False)
-    with handle:
-        json.dump(manifest, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, out / MANIFEST)
+    text = json.dumps(manifest, indent=1, sort_keys=True)
+    write_atomically(out / MANIFEST, lambda handle: handle.write(text.encode()))
 
 
 def read_manifest(out: str | os.PathLike) -> dict[str, Any]:

@@ -6,9 +6,12 @@ directory is read-only they go to ~/.cache/spladectl/ (or $XDG_CACHE_HOME/splade
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Callable
 
@@ -58,15 +61,7 @@ def atomic_write(
     """
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        try:
-            os.fchmod(fd, 0o644)  # mkstemp makes 0600; a cache is for everyone who reads the dataset
-            with os.fdopen(fd, "wb") as handle:
-                write(handle)
-            os.replace(tmp, directory / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(directory / name, write)
     except OSError:
         return False
     if stale_prefix:
@@ -74,3 +69,37 @@ def atomic_write(
             if old.name != name:
                 old.unlink(missing_ok=True)
     return True
+
+
+def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write `path` whole or not at all: into `.NAME.*.partial` beside it, synced to disk, then renamed over it.
+    Errors (a full disk, say) raise, and leave `path` as it was."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a cache or an output is for everyone who reads its directory
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def staged_directory(out: Path) -> Iterator[Path]:
+    """A directory to fill that becomes `out` only when the block ends without an error: an existing `out` is moved
+    aside, replaced, then deleted; the staging directory never outlives the block."""
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield staging
+        aside = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            out.rename(aside)
+        staging.rename(out)
+        shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
