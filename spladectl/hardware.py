@@ -19,6 +19,8 @@ from typing import Any
 RELEVANT_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "avx512_fp16", "amx_fp16", "bf16")
 # x86 names the native-bf16 features avx512_bf16 and amx_bf16; Arm (Graviton 3, Apple M2+) calls its one bf16.
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+# Autocast adds casts around every matmul, so bf16 has to multiply clearly faster than float32 to win a step.
+BF16_WORTH_IT = 1.2
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,26 @@ class HardwareFacts:
     cpu_flags: list[str] = field(default_factory=list)  # the RELEVANT_CPU_FLAGS present
     has_bf16: bool = False  # native bf16 arithmetic: AVX512-BF16, AMX or Arm BF16
     has_amx: bool = False
+    # How much faster this CPU multiplies bf16 matrices than float32 ones, measured (None: not measured, as on a CPU
+    # without bf16 flags, or in a test that describes a machine).
+    bf16_matmul_speedup: float | None = None
     torch: str = "unknown"
     python: str = platform.python_version()
     os: str = "linux"  # platform.system().lower(): "linux", "darwin", "windows"
     os_release: str = ""
     arch: str = "x86_64"  # normalised: "x86_64" or "arm64"
     notes: list[str] = field(default_factory=list)  # probes that failed or looked odd, for `spladectl env`
+
+    @property
+    def bf16_pays_off(self) -> bool:
+        """Whether bf16-mixed can beat float32 on this CPU: native bf16, and where measured, a faster bf16 matmul.
+
+        The flags alone can mislead: a CPU (or a virtual machine's view of one) with AVX512-BF16 but no AMX has been
+        measured multiplying bf16 at 0.55× its float32 speed (2-core Xeon, 2026-12-03), where bf16-mixed only costs.
+        """
+        if not self.has_bf16:
+            return False
+        return self.bf16_matmul_speedup is None or self.bf16_matmul_speedup >= BF16_WORTH_IT
 
     @property
     def gpu(self) -> GPU | None:
@@ -171,6 +187,55 @@ def _detect_cpu(facts: HardwareFacts) -> None:
     facts.cpu_flags = [flag for flag in RELEVANT_CPU_FLAGS if flag in flags]
     facts.has_bf16 = any(flag in flags for flag in BF16_FLAGS)
     facts.has_amx = "amx_bf16" in flags or "amx_tile" in flags
+    if facts.has_bf16:
+        facts.bf16_matmul_speedup = _safe(lambda: bf16_matmul_speedup(facts), None)
+
+
+def bf16_matmul_speedup(facts: HardwareFacts) -> float:
+    """bf16 ÷ float32 throughput of a 512 × 512 × 512 matmul on this CPU, with torch's threads; measured once and
+    kept in ~/.cache/spladectl/bf16-matmul.json for this CPU, flag set, torch and thread count (a fraction of a
+    second to measure, but `detect()` runs in every command)."""
+    import json
+
+    import torch
+
+    from spladectl.paths import user_cache_dir
+
+    key = f"{facts.cpu_model}|{','.join(facts.cpu_flags)}|torch {facts.torch}|{torch.get_num_threads()} threads"
+    path = user_cache_dir() / "bf16-matmul.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if isinstance(known.get(key), (int, float)):
+        return float(known[key])
+    speedup = round(_matmul_seconds(torch, torch.float32) / _matmul_seconds(torch, torch.bfloat16), 2)
+    known[key] = speedup
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary.write_text(json.dumps(known, indent=1))
+        os.replace(temporary, path)
+    except OSError:
+        pass  # a read-only home only means measuring again next time
+    return speedup
+
+
+def _matmul_seconds(torch, dtype, size: int = 512, repeats: int = 7) -> float:
+    import time
+
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    for _ in range(2):  # the first calls build oneDNN's kernels
+        a @ b
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
 
 
 def _cpu_model_and_flags(facts: HardwareFacts) -> tuple[str | None, set[str]]:

@@ -305,20 +305,15 @@ class _State:
         self.change("device", fallback, f"{who} asks for {wanted}; {missing}: using {fallback}")
 
     def precision(self) -> None:
-        precision, device, has_bf16 = self.values["precision"], self.values["device"], self.facts.has_bf16
+        precision, device, facts = self.values["precision"], self.values["device"], self.facts
         who = f"{_who(self.sources['precision'], self.profile)} asks for {precision}"
         if device == "cpu" and precision == "16-mixed":
             # float16 autocast on a CPU is slow and needs a scaler; bf16 is the CPU's half precision
-            new = "bf16-mixed" if has_bf16 else "32-true"
-            has = "has native bf16" if has_bf16 else "has no native bf16"
-            self.change("precision", new, f"{who}, which needs a GPU; this CPU {has}: using {new}")
-        elif device == "cpu" and precision == "bf16-mixed" and not has_bf16:
-            self.change(
-                "precision", "32-true",
-                f"{who}; this CPU has no native bf16 (AVX512-BF16 or AMX), where it cannot be faster than float32: "
-                "using 32-true",
-            )
-        elif device == "mps" and precision == "bf16-mixed" and not has_bf16:
+            new = "bf16-mixed" if facts.bf16_pays_off else "32-true"
+            self.change("precision", new, f"{who}, which needs a GPU; this CPU {_cpu_bf16(facts)}: using {new}")
+        elif device == "cpu" and precision == "bf16-mixed" and not facts.bf16_pays_off:
+            self.change("precision", "32-true", f"{who}; this CPU {_cpu_bf16(facts)}: using 32-true")
+        elif device == "mps" and precision == "bf16-mixed" and not facts.has_bf16:
             self.change("precision", "16-mixed", f"{who}; this Apple chip has no bf16 (M2 and newer): using 16-mixed")
         elif self.gpu and precision == "bf16-mixed" and self.gpu.compute_capability < (8, 0):
             self.change("precision", "16-mixed", f"{who}; {_cc(self.gpu)} has no bf16: using 16-mixed")
@@ -487,3 +482,13 @@ def _best(candidates: list[Profile], facts: HardwareFacts, reasons: list[str]) -
     elif m.cpu_features:
         reasons.append(f"the CPU has none of {', '.join(m.cpu_features)}")
     return best.name, min(100, score(best)), reasons
+
+
+def _cpu_bf16(facts: HardwareFacts) -> str:
+    """What this CPU does with bf16, in the words of a resolution message."""
+    if not facts.has_bf16:
+        return "has no native bf16 (AVX512-BF16 or AMX), where it cannot be faster than float32"
+    if not facts.bf16_pays_off:
+        return (f"multiplies bf16 at {facts.bf16_matmul_speedup:g}× its float32 speed (measured; "
+                "`spladectl env` shows it), where bf16 cannot pay")
+    return "has native bf16"

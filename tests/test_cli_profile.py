@@ -150,7 +150,9 @@ def test_detect_json(cli):
     assert data["reasons"] and all(isinstance(line, str) for line in data["reasons"])
     if not torch.cuda.is_available() and not torch.backends.mps.is_available():
         assert data["profile"] == "cpu"
-        expected = "bf16-mixed" if data["hardware"]["has_bf16"] else "32-true"
+        speedup = data["hardware"]["bf16_matmul_speedup"]
+        fast = data["hardware"]["has_bf16"] and (speedup is None or speedup >= 1.2)
+        expected = "bf16-mixed" if fast else "32-true"
         assert data["resolved"]["precision"] == expected
 
 

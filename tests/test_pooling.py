@@ -82,9 +82,11 @@ def test_efficient_head_equals_naive(kind, chunk_size):
 
 @pytest.mark.parametrize("kind", ["none", "right", "left", "empty-row"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_vocabulary_tiles_and_token_chunks_find_the_same_maxima(kind, dtype):
+def test_vocabulary_tiles_and_token_chunks_find_the_same_maxima(kind, dtype, monkeypatch):
     # The CPU tiles the vocabulary, accelerators chunk the tokens; both strategies run here on the CPU, against the
-    # masked max of the full logits. In bf16 the tiles pad each text's tokens to a multiple of 32 with copies.
+    # masked max of the full logits. A CPU token block of 3 rows makes texts straddle blocks; in bf16 the last block
+    # is padded with zero rows that belong to no text.
+    from spladectl import pooling
     from spladectl.pooling import _max_by_token_chunk, _max_by_vocabulary_tile
 
     mask = _mask(kind)
@@ -94,8 +96,10 @@ def test_vocabulary_tiles_and_token_chunks_find_the_same_maxima(kind, dtype):
     packed = hidden.reshape(B * T, H)[mask.reshape(-1).bool()]
     starts = [0, *mask.sum(1).cumsum(0).tolist()]
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for fill, size in [(_max_by_vocabulary_tile, 7), (_max_by_vocabulary_tile, 2048), (_max_by_token_chunk, 5),
-                       (_max_by_token_chunk, 512)]:
+    for fill, size, block in [(_max_by_vocabulary_tile, 7, 3), (_max_by_vocabulary_tile, 2048, 3),
+                              (_max_by_vocabulary_tile, 2048, 512), (_max_by_token_chunk, 5, None),
+                              (_max_by_token_chunk, 512, None)]:
+        monkeypatch.setattr(pooling, "CPU_TOKEN_BLOCK", block)
         best = torch.full((B, V), float("-inf"), dtype=dtype)
         fill(packed, weight, starts, best, size)
         assert torch.equal(best.isneginf(), expected.isneginf())  # only a text without tokens has no max

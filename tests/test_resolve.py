@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
+import json
 
 import pytest
 
@@ -135,6 +137,36 @@ def test_a100_without_cuda_falls_back_with_one_reason_per_change(registry):
 def test_a100_on_a_bf16_cpu_keeps_bf16(registry):
     r = run(registry, CPU_BF16, "a100")
     assert (r.device, r.precision, r.batch_size) == ("cpu", "bf16-mixed", 24)
+
+
+def test_a_cpu_whose_bf16_matmul_measured_slow_trains_in_float32(registry):
+    # The flags say native bf16, the measurement says it multiplies at half float32's speed (an AVX512-BF16 Xeon
+    # without AMX, as seen on 2026-12-03): bf16-mixed would only cost, so the cpu profile trains in 32-true.
+    slow = dataclasses.replace(CPU_BF16, has_amx=False, bf16_matmul_speedup=0.55)
+    r = run(registry, slow, "cpu")
+    assert r.precision == "32-true" and r.sources["precision"] == "hardware"
+    assert "cpu asks for bf16-mixed; this CPU multiplies bf16 at 0.55× its float32 speed (measured" in r.reasons[0]
+    assert run(registry, slow, "v100").precision == "32-true"  # fp16 on a CPU goes to bf16 only where bf16 pays
+    fast = dataclasses.replace(CPU_BF16, bf16_matmul_speedup=2.4)
+    assert run(registry, fast, "cpu").precision == "bf16-mixed"
+    assert run(registry, CPU_PLAIN, "cpu").precision == "32-true"  # no flags: never measured, never bf16
+
+
+def test_bf16_matmul_speedup_is_measured_once_per_cpu(tmp_path, monkeypatch):
+    from spladectl import hardware
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    facts = HardwareFacts(cpu_model="test CPU", cpu_flags=["avx512_bf16"], has_bf16=True, torch="x")
+    measured = hardware.bf16_matmul_speedup(facts)
+    assert measured > 0  # a real 512³ matmul in both precisions on this machine
+    cache = tmp_path / "spladectl" / "bf16-matmul.json"
+    (key, value), = json.loads(cache.read_text()).items()
+    assert "test CPU" in key and value == measured
+    cache.write_text(json.dumps({key: 7.5}))
+    assert hardware.bf16_matmul_speedup(facts) == 7.5  # read back, not measured again
+    cache.write_text("{not json")
+    assert 0 < hardware.bf16_matmul_speedup(facts) != 7.5  # a broken cache is measured again and rewritten
+    assert json.loads(cache.read_text())[key] > 0
 
 
 def test_v100_fp16_on_cpus(registry):

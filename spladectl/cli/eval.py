@@ -182,7 +182,7 @@ def _native_bf16(device: str) -> bool:
     if device == "cpu":
         from spladectl.hardware import detect
 
-        return detect().has_bf16
+        return detect().bf16_pays_off
     return False
 
 

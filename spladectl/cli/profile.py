@@ -194,6 +194,9 @@ def hardware_table(facts: HardwareFacts):
 def hardware_rows(facts: HardwareFacts) -> list[tuple[str, str]]:
     cores = f"{facts.cpu_cores_physical or '?'} physical / {facts.cpu_cores_logical} logical cores"
     bf16 = "yes" if facts.has_bf16 else "no"
+    if facts.bf16_matmul_speedup is not None:
+        verdict = "used by bf16-mixed" if facts.bf16_pays_off else "too slow: bf16-mixed runs in 32-true"
+        bf16 += f" (bf16 matmul {facts.bf16_matmul_speedup:g}× float32, {verdict})"
     rows = [
         ("CPU", f"{facts.cpu_model}, {cores}"),
         ("RAM", f"{facts.ram_gib:g} GiB"),

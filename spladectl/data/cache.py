@@ -15,12 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Callable
 
+from spladectl.paths import user_cache_dir
+
 CACHE_DIR_NAME = ".spladectl-cache"
-
-
-def user_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "spladectl"
 
 
 def cache_dirs(root: str | Path, kind: str, cache_dir: str | Path | None = None) -> list[Path]:
