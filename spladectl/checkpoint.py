@@ -10,6 +10,7 @@ A Snapshot is the same state in CPU memory, for going back a few steps within a 
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import random
 import re
@@ -66,16 +67,25 @@ def step_dirs(checkpoints: Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(checkpoints: Path, step: int, *, encoder, state: dict[str, Any], keep_last: int | None) -> Path:
     """Write step-`step` atomically, then prune to the newest `keep_last` checkpoints."""
-    checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / f"step-{step}"
     tmp = checkpoints / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    encoder.save_pretrained(tmp)
-    payload = {"format_version": FORMAT_VERSION, "step": step, **state}
-    with open(tmp / STATE_FILE, "wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        encoder.save_pretrained(tmp)
+        payload = {"format_version": FORMAT_VERSION, "step": step, **state}
+        with open(tmp / STATE_FILE, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # never a half-written checkpoint beside the complete ones
+        # Weights plus AdamW's two moments: what a first checkpoint takes when there is no earlier one to measure.
+        estimate = 3 * sum(p.numel() * p.element_size() for p in encoder.parameters())
+        failure = _write_failed(checkpoints, step, exc, estimate)
+        if failure is None:
+            raise
+        raise failure from exc
     if final.exists():  # re-saving a step after a resume: move the old one aside first, then drop it
         old = checkpoints / f".old-step-{step}-{os.getpid()}"
         os.replace(final, old)
@@ -87,6 +97,36 @@ def save_checkpoint(checkpoints: Path, step: int, *, encoder, state: dict[str, A
         for _, stale in step_dirs(checkpoints)[:-keep_last]:
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _write_failed(checkpoints: Path, step: int, exc: BaseException, estimate: int) -> CheckpointError | None:
+    """What a user needs when a checkpoint cannot be written (why, what survived, how much space it takes), or None
+    for an exception that is not about the disk (a bug keeps its traceback).
+
+    torch.save and safetensors report a full disk in their own words ("unexpected pos ...", "StorageFull"), so a
+    write that failed while less space is free than a checkpoint takes is called what it is.
+    """
+    previous = step_dirs(checkpoints)
+    needed = sum(f.stat().st_size for f in previous[-1][1].rglob("*") if f.is_file()) if previous else estimate
+    try:
+        free = shutil.disk_usage(checkpoints if checkpoints.exists() else checkpoints.parent).free
+    except OSError:
+        free = None
+    full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or (
+        needed is not None and free is not None and free < needed)
+    if full:
+        reason = os.strerror(errno.ENOSPC)
+    elif isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+    else:
+        return None
+    kept = f"the previous checkpoint ({previous[-1][1].name}) is intact" if previous else "no earlier checkpoint exists"
+    message = f"{checkpoints / f'step-{step}'}: the checkpoint could not be written ({reason}); {kept}"
+    hint = "free some space or choose another --output-dir, then resume with --resume latest"
+    if needed is not None:
+        space = f" and {free / 2**20:.0f} MiB are free there" if free is not None else ""
+        hint = f"a checkpoint takes about {needed / 2**20:.0f} MiB{space}; {hint}"
+    return CheckpointError(message, hint=hint)
 
 
 def drop_after(checkpoints: Path, step: int) -> None:

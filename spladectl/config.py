@@ -62,6 +62,7 @@ class TrainConfig:
     keep_last: int = 2
     memory_tracking: bool = False
     on_collapse: str = "stop"  # stop | backoff | warn: what a collapsed run does (spladectl/collapse.py)
+    on_nan: str = "stop"  # stop | skip | rollback: what a step with a non-finite loss or gradient does (engine.py)
     collapse_patience: int = 10  # consecutive collapsed optimizer steps before the policy acts
     track: list[str] = field(default_factory=list)  # experiment trackers mirroring the run: tensorboard, mlflow
     plugins: list[str] = field(default_factory=list)

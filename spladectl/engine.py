@@ -37,7 +37,7 @@ from spladectl.batches import Collator, MicroBatch, micro_batches, micro_batches
 from spladectl.config import TrainConfig
 from spladectl.data import Example
 from spladectl.distributed import World
-from spladectl.errors import CollapseError, SpladectlError
+from spladectl.errors import CollapseError, NonFiniteError, SpladectlError
 from spladectl.losses import LossInputs, chance_loss, contrastive_loss, flops_warmup_steps
 from spladectl.model import SpladeEncoder
 from spladectl.precision import autocast_dtype, low_precision_matmuls
@@ -129,6 +129,9 @@ class Trainer:
         if not examples:
             raise SpladectlError("the training data holds no examples")
         collapse.check_policy(config.on_collapse)
+        if config.on_nan not in ON_NAN:
+            raise SpladectlError(f"--on-nan {config.on_nan!r}: expected one of {', '.join(ON_NAN)}")
+        self.nan_rollbacks = 0
         self.world = world or World()
         if config.world_size != self.world.world_size:
             raise SpladectlError(f"world_size: the configuration says {config.world_size} process(es), and this run "
@@ -308,14 +311,24 @@ class Trainer:
 
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), c.max_grad_norm)
+        # 16-mixed leaves a non-finite step to its loss scaler (an overflow is what it exists for); elsewhere --on-nan.
+        bad = [] if scaler.is_enabled() else _non_finite({**totals, "gradient": grad_norm})
+        if bad and c.on_nan == "stop":
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(
+                f"step {s.step + 1}: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite; no update was "
+                "made and training stopped (--on-nan stop)",
+                hint="--on-nan skip drops such steps and counts them, --on-nan rollback goes back to the last "
+                     f"checkpoint with half the learning rate; a lower --lr (now {c.lr:g}) often cures it")
         scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-        scaler.step(optimizer)  # skipped by the scaler when a gradient overflowed
+        if not bad:
+            scaler.step(optimizer)  # skipped by the scaler when a gradient overflowed
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         lr = optimizer.param_groups[0]["lr"]
         s.scheduler.step()
 
-        skipped = scaler.is_enabled() and scaler.get_scale() < scale
+        skipped = (scaler.is_enabled() and scaler.get_scale() < scale) or bool(bad)
         examples = sum(piece.size for piece in pieces) * self.world.world_size
         s.step, s.skipped_steps, s.examples_seen = s.step + 1, s.skipped_steps + int(skipped), s.examples_seen + examples
         self._pending = None  # the step is done: the next one takes new micro-batches
@@ -328,6 +341,8 @@ class Trainer:
             "examples": examples, "step_seconds": seconds,
             "examples_per_s": sum(e for e, _ in self._throughput) / max(sum(t for _, t in self._throughput), 1e-9),
         })
+        if bad:
+            metrics["non_finite"] = bad
         return metrics
 
     def step(self) -> dict[str, Any]:
@@ -457,6 +472,8 @@ class Trainer:
         metrics_file = _open_metrics(self.output_dir / "metrics.jsonl", resumed_at=s.step) if main else None
         if c.on_collapse == "backoff":
             self._snapshots = [(ckpt.Snapshot.take(s), self.backoffs)]
+        if c.on_nan == "rollback":
+            self._start = ckpt.Snapshot.take(s)  # where a rollback goes when no checkpoint has been written yet
         patience_left = c.early_stopping_patience
         started = time.perf_counter()
         bar = _progress(s.total_steps, s.step, enabled=self.progress)
@@ -473,6 +490,11 @@ class Trainer:
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(metrics) + "\n")
                     metrics_file.flush()
+                if metrics.get("non_finite") and c.on_nan == "rollback":
+                    self._roll_back(metrics)
+                    metrics_file = self._rewind_outputs(metrics_file)
+                    bar.n = s.step
+                    continue
                 if self._watch_collapse(metrics):
                     metrics_file = self._rewind_outputs(metrics_file)
                     bar.n = s.step
@@ -607,6 +629,27 @@ class Trainer:
         self.collapse_events.append(message)
         self.log(f"warning: {message}")
 
+    def _roll_back(self, metrics: dict[str, Any]) -> None:
+        """--on-nan rollback: back to the newest checkpoint (the run's start without one), half the learning rate."""
+        s, c = self.state, self.config
+        self.nan_rollbacks += 1
+        what = f"step {metrics['step']}: {', '.join(metrics['non_finite'])} not finite"
+        if self.nan_rollbacks > collapse.MAX_BACKOFFS:
+            raise NonFiniteError(f"{what} again after {collapse.MAX_BACKOFFS} rollbacks with a halved learning rate; "
+                                 "training stopped", hint=f"lower --lr (now {c.lr:g}) or look for the cause in the data")
+        found = ckpt.step_dirs(self.output_dir / "checkpoints")
+        if found:
+            self.resume(found[-1][1])
+        else:
+            self._start.restore(s)
+        _scale_learning_rate(s.optimizer, s.scheduler, 0.5 ** self.nan_rollbacks)
+        self.detector.reset()
+        self._close_batches()  # the data position went back with the rest
+        message = (f"{what}; back to step {s.step} with the learning rate halved (peak "
+                   f"{c.lr * 0.5 ** self.nan_rollbacks:.3g}), rollback {self.nan_rollbacks} of {collapse.MAX_BACKOFFS}")
+        self.collapse_events.append(message)
+        self.log(f"warning: {message}")
+
     def _rewind_outputs(self, metrics_file):
         """After a backoff: the metrics lines and checkpoints of the abandoned steps go; those steps are redone."""
         if metrics_file is None:
@@ -628,6 +671,17 @@ class Trainer:
         if c.on_collapse == "stop":
             hint += "; --on-collapse backoff goes back to the last healthy step with half the learning rate"
         return CollapseError(message, hint=hint)
+
+
+def _non_finite(values: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the values that are NaN or infinite, at the cost of one host sync."""
+    names = list(values)
+    tensors = [torch.as_tensor(values[n]).detach().float().reshape(()) for n in names]
+    finite = torch.isfinite(torch.stack([t.to(tensors[0].device) for t in tensors])).tolist()
+    return [name for name, ok in zip(names, finite) if not ok]
+
+
+ON_NAN = ("stop", "skip", "rollback")
 
 
 def _scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, factor: float) -> None:

@@ -45,6 +45,11 @@ class CollapseError(SpladectlError):
     what to change."""
 
 
+class NonFiniteError(SpladectlError):
+    """A step whose loss or gradient is NaN or infinite, under --on-nan stop (or after the last rollback); the message
+    names the step and the terms that were not finite."""
+
+
 class PluginError(SpladectlError):
     """A plugin failed to load or raised inside a hook; the message names the plugin."""
 

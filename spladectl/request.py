@@ -68,6 +68,7 @@ class TrainRequest:
     distillation: str | None = None
     distillation_weight: float | None = None
     on_collapse: str | None = None
+    on_nan: str | None = None
     # checkpoints and evaluation
     save_every: int | None = None
     keep_last: int = TrainConfig.keep_last
@@ -113,7 +114,7 @@ class TrainRequest:
 # Request fields that, when given, replace TrainConfig's default of the same name.
 _OPTIONAL_SETTINGS = ("epochs", "max_steps", "lr", "scheduler", "warmup_ratio", "n_negatives", "lambda_q", "lambda_d",
                       "flops_warmup_steps", "flops_schedule", "regularizer", "distillation", "distillation_weight",
-                      "on_collapse", "save_every", "grad_cache_chunk")
+                      "on_collapse", "on_nan", "save_every", "grad_cache_chunk")
 
 
 def make_config(request: TrainRequest, settings: Mapping[str, Any], *, profile: str,

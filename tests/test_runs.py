@@ -6,6 +6,7 @@ so and `--resume latest` finishes it in place."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -380,9 +381,14 @@ def test_runs_rm_removes_runs_and_refuses_running_ones(swept, cli, tmp_path):
     assert result.exit_code == 0 and not (root / SWEEP / "bad-data").exists()
     running = root / SWEEP / "short-warm-up" / "run.json"
     record = json.loads(running.read_text())
-    running.write_text(json.dumps({**record, "status": "running"}))  # this test process is alive: "running"
+    running.write_text(json.dumps({**record, "status": "running"}))
+    from spladectl.runs.lock import RunLock
+
+    lock = RunLock(running.parent)  # this test process trains there, as far as anyone can tell
+    lock.acquire()
     refused = cli("runs", "rm", SWEEP, "--runs-root", str(root), "--yes", env=WIDE)
-    assert refused.exit_code == 2 and "still running" in refused.output
+    assert refused.exit_code == 2 and f"still running (pid {os.getpid()} on" in refused.output
+    lock.release()
     assert cli("runs", "rm", SWEEP, "--runs-root", str(root), "--yes", "--force").exit_code == 0
     assert not (root / SWEEP).exists()  # with its last run gone, the sweep's summary and plot go too
 

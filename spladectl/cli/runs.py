@@ -199,13 +199,16 @@ def remove(
     runs_root: RootOption = Path("runs"),
 ) -> None:
     """Delete run directories (checkpoints, models and all). Copies in MLflow or TensorBoard elsewhere are kept."""
+    from spladectl.runs.lock import LOCK_FILE, describe, is_held, read_owner
     from spladectl.runs.store import resolve_refs, run_dirs
 
     records = resolve_refs(runs, runs_root)
-    alive = [r for r in records if r.effective_status() == "running"]
+    # A process may train in a directory whose run.json says otherwise (a resume that has just begun): the lock rules.
+    alive = [r for r in records if r.effective_status() == "running" or is_held(r.path)]
     if alive and not force:
-        raise SpladectlError(f"{', '.join(r.id for r in alive)}: still running (pid {alive[0].pid} on "
-                             f"{alive[0].host})", hint="stop it first, or pass --force")
+        owner = read_owner(alive[0].path / LOCK_FILE) or {"pid": alive[0].pid, "host": alive[0].host}
+        raise SpladectlError(f"{', '.join(r.id for r in alive)}: still running ({describe(owner)})",
+                             hint="stop it first, or pass --force")
     for r in records:
         typer.echo(f"  {r.id}  {r.effective_status()}  {r.dir}")
     if not yes and not typer.confirm(f"remove {len(records)} run(s)?", default=False):

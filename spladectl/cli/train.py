@@ -72,6 +72,7 @@ def train(
     eval_every: Optional[int] = typer.Option(None, "--eval-every", min=1, help="Evaluate every N optimizer steps; the best model goes to RUN_DIR/best."),
     eval_metric: str = typer.Option("nDCG@10", "--eval-metric", help="Metric that picks the best checkpoint."),
     patience: Optional[int] = typer.Option(None, "--patience", min=1, help="Stop after N evaluations without improvement."),
+    on_nan: Optional[str] = typer.Option(None, "--on-nan", help="When a step's loss or gradient is NaN or infinite (outside 16-mixed, whose loss scaler already skips overflowing steps): stop (default; an error naming the step and the loss term), skip (drop that step's update and count it) or rollback (back to the last checkpoint, or the start, with half the learning rate, at most 3 times)."),
     on_collapse: Optional[str] = typer.Option(None, "--on-collapse", help="When the representations collapse (under one active dimension, or the ranking loss at chance, for 10 steps): stop (default; an error saying what to change, no final model), backoff (back to the last healthy state with half the learning rate, at most 3 times) or warn (train on)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),

@@ -21,6 +21,7 @@ from typing import Callable
 
 from spladectl.errors import SpladectlError
 from spladectl.runs.gitstate import run_git_state
+from spladectl.runs.lock import RunLock, describe
 from spladectl.runs.record import RunRecord, now
 from spladectl.runs.summary import summarize
 
@@ -42,7 +43,12 @@ class ActiveRun:
 
     def __enter__(self) -> "ActiveRun":
         record = self.record
-        self.path.mkdir(parents=True, exist_ok=True)
+        _make_run_dir(self.path)
+        # Before anything is written: a second run on the same directory must leave the first one's files alone.
+        self._lock = RunLock(self.path)
+        stale = self._lock.acquire()
+        if stale and stale.get("pid") != os.getpid():
+            record.warnings.append(f"took over the lock of a run that did not end cleanly ({describe(stale)})")
         record.status, record.error, record.traceback, record.ended = "running", None, None, None
         record.host, record.pid = socket.gethostname(), os.getpid()
         record.git = run_git_state({"cwd": os.getcwd(), **self.git_paths})
@@ -88,7 +94,10 @@ class ActiveRun:
             record.status, record.error = "failed", describe_error(exc)
             if not isinstance(exc, SpladectlError):  # a bug: keep where it happened
                 record.traceback = "".join(traceback.format_exception(exc_type, exc, tb))
-        self.finish()
+        try:
+            self.finish()
+        finally:
+            self._lock.release()
         return False  # the exception goes on to the command, which prints it as it always did
 
     def finish(self) -> None:
@@ -100,6 +109,19 @@ class ActiveRun:
         record.ended = now()
         record.duration_s = round((record.duration_s or 0.0) + time.monotonic() - self._clock, 3)
         record.save()
+
+
+def _make_run_dir(path) -> None:
+    if path.exists() and not path.is_dir():
+        raise SpladectlError(f"{path}: exists and is not a directory; a run needs a directory of its own",
+                             hint="give --output-dir a new or existing directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpladectlError(f"{path}: cannot create the run directory ({exc.strerror or exc})") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SpladectlError(f"{path}: the run directory is not writable",
+                             hint="choose another --output-dir, or fix its permissions")
 
 
 def describe_error(exc: BaseException) -> str:

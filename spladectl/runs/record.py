@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from spladectl.errors import SpladectlError
+from spladectl.runs.lock import is_held
 
 RUN_FILE = "run.json"
 STATUSES = ("running", "finished", "failed", "interrupted")
@@ -85,7 +86,10 @@ class RunRecord:
 
     def effective_status(self) -> str:
         """The status, or STALE for a "running" run whose process on this host no longer exists."""
-        if self.status == "running" and self.host == socket.gethostname() and not _alive(self.pid):
+        if self.status != "running":
+            return self.status
+        held = is_held(self.path)  # exact wherever the run took its lock, even after pid reuse
+        if held is False or (held is None and self.host == socket.gethostname() and not _alive(self.pid)):
             return STALE
         return self.status
 
