@@ -129,6 +129,15 @@ def _write_failed(checkpoints: Path, step: int, exc: BaseException, estimate: in
     return CheckpointError(message, hint=hint)
 
 
+def remove_partial(checkpoints: Path) -> None:
+    """Remove what killed runs left while writing checkpoints (.tmp-step-*, .old-step-*): never complete, and only
+    one process trains in a run directory (runs/lock.py), so none of them is being written now."""
+    if checkpoints.is_dir():
+        for child in checkpoints.iterdir():
+            if child.name.startswith((".tmp-step-", ".old-step-")):
+                shutil.rmtree(child, ignore_errors=True)
+
+
 def drop_after(checkpoints: Path, step: int) -> None:
     """Remove the checkpoints of steps after `step`: a run that went back to `step` will write its own."""
     for later, path in step_dirs(checkpoints):

@@ -36,6 +36,7 @@ from spladectl import collapse, distributed
 from spladectl.batches import Collator, MicroBatch, micro_batches, micro_batches_per_epoch
 from spladectl.config import TrainConfig
 from spladectl.data import Example
+from spladectl.data.cache import recover_staged, staged_directory, write_atomically
 from spladectl.distributed import World
 from spladectl.errors import CollapseError, NonFiniteError, SpladectlError
 from spladectl.losses import LossInputs, chance_loss, contrastive_loss, flops_warmup_steps
@@ -469,6 +470,11 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if not s.step:  # a fresh run in a reused directory must not inherit old evaluations
                 (self.output_dir / "eval.jsonl").unlink(missing_ok=True)
+            elif (self.output_dir / "eval.jsonl").exists():  # a resumed run redoes what came after its checkpoint
+                _keep_lines_until(self.output_dir / "eval.jsonl", s.step)
+            ckpt.remove_partial(self.output_dir / "checkpoints")  # what a killed run was writing
+            for model_dir in ("best", "final"):
+                recover_staged(self.output_dir / model_dir)
         metrics_file = _open_metrics(self.output_dir / "metrics.jsonl", resumed_at=s.step) if main else None
         if c.on_collapse == "backoff":
             self._snapshots = [(ckpt.Snapshot.take(s), self.backoffs)]
@@ -527,7 +533,8 @@ class Trainer:
         self.save_checkpoint()
         final = self.output_dir / "final"
         if main:
-            s.model.save_pretrained(final, extra_metadata={"steps": s.step, "precision": c.precision})
+            with staged_directory(final) as staging:  # never a half-written final model, even if killed
+                s.model.save_pretrained(staging, extra_metadata={"steps": s.step, "precision": c.precision})
         seconds = round(time.perf_counter() - started, 2)  # training alone, not the evaluation that follows
         evaluation = self._evaluate_final() if main and self.eval_fn else None
         final_metrics = {k: v for k, v in s.last_metrics.items() if k in ("loss", "query_dims", "doc_dims")
@@ -555,7 +562,8 @@ class Trainer:
         if value is None or collapsed or (s.best_metric is not None and value <= s.best_metric):
             return False
         s.best_metric, s.best_step = value, s.step
-        s.model.save_pretrained(self.output_dir / "best", extra_metadata={"step": s.step, c.eval_metric: value})
+        with staged_directory(self.output_dir / "best") as staging:
+            s.model.save_pretrained(staging, extra_metadata={"step": s.step, c.eval_metric: value})
         return True
 
     def _evaluate_final(self) -> dict[str, Any]:
@@ -723,9 +731,28 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def _open_metrics(path: Path, *, resumed_at: int):
     """metrics.jsonl for appending; on resume, drop the lines of steps after the checkpoint (they will be redone)."""
     if resumed_at and path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_at]
-        path.write_text("".join(line + "\n" for line in kept))
+        _keep_lines_until(path, resumed_at)
     return open(path, "a" if resumed_at else "w")
+
+
+def _keep_lines_until(path: Path, step: int) -> None:
+    """Rewrite a JSON-lines log (whole or not at all) with the lines of steps up to `step`. Its last line may be cut
+    short by a kill in the middle of a write: that one is dropped; a broken line before it is a corrupt file."""
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                continue
+            raise SpladectlError(f"{path}:{number}: not a JSON line; this run's log is damaged",
+                                 hint="fix or remove that line, then resume again") from None
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    write_atomically(path, lambda handle: handle.write("".join(line + "\n" for line in kept).encode()))
 
 
 def _progress(total: int, initial: int, *, enabled: bool):

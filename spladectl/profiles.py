@@ -230,13 +230,19 @@ def _read_source(path_or_mapping: str | os.PathLike | Mapping[str, Any], origin:
     path = Path(path_or_mapping)
     where = _display(path)
     try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
+        values = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: an editor's BOM is not a statement
     except OSError as exc:
         raise ProfileError(f"{where}: cannot read the profile ({exc.strerror or exc})") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"{where}: not valid TOML ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError, UnicodeDecodeError, a 5000-digit integer
+        raise ProfileError(f"{where}: not valid TOML ({toml_problem(exc)})") from exc
     values = _check_table(values, where)
     return _Source(values.get("name", path.stem), values, origin, where, str(path))
+
+
+def toml_problem(exc: Exception) -> str:
+    """What made tomllib fail: its message, or for a RecursionError arrays nested too deeply (the advice after `;`
+    in Python's message about integers of over 4300 digits is for programmers, not for the file's author)."""
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
 
 
 def _check_table(values: dict[str, Any], where: str) -> dict[str, Any]:
@@ -308,7 +314,7 @@ def _is_precision(value: Any) -> bool:
 def _is_regex(value: Any) -> bool:
     try:
         return isinstance(value, str) and bool(re.compile(value))
-    except re.error:
+    except (re.error, OverflowError, RecursionError):  # a{99999999999}; groups nested a thousand deep
         return False
 
 
@@ -324,7 +330,7 @@ _VALID: dict[str, Callable[[Any], bool]] = {
     "table": lambda v: isinstance(v, dict),
     "strings": lambda v: isinstance(v, list) and all(isinstance(item, str) for item in v),
     "regex": _is_regex,
-    "capability": lambda v: isinstance(v, str) and re.fullmatch(r"\d+\.\d+", v.strip()) is not None,
+    "capability": lambda v: isinstance(v, str) and re.fullmatch(r"\d{1,9}\.\d{1,9}", v.strip()) is not None,
 }
 _NORMALISE: dict[str, Callable[[Any], Any]] = {
     "precision": canonical_precision,

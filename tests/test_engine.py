@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from spladectl.engine import Trainer
+from spladectl.errors import CheckpointError
 from spladectl.hookspecs import hookimpl
 
 from tiny import config, examples
@@ -199,10 +200,12 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, pm, monkeyp
 
     monkeypatch.setattr(checkpoint.torch, "save", crash)
     trainer.state.step = 2
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match=r"step-2: the checkpoint could not be written \(disk full\); the previous "
+                                              r"checkpoint \(step-1\) is intact"):
         trainer.save_checkpoint()
     monkeypatch.undo()
     assert checkpoint.find_checkpoint("latest", tmp_path / "out") == good
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["step-1"]  # the partial one is gone
     assert checkpoint.load_training_state(good)["step"] == 1
 
 

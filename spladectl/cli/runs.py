@@ -63,6 +63,10 @@ def list_runs(
                and (sweep is None or r.sweep == sweep)]
     for problem in problems:
         typer.echo(f"warning: skipped {problem}", err=True)
+    from spladectl.runs.compare import refreshed
+
+    # run.json is summarised when a run ends: a running or killed one is summarised from what it has written so far.
+    records = [refreshed(r) if r.effective_status() in ("running", "stale") else r for r in records]
     if as_json:
         typer.echo(json.dumps([_as_json(r) for r in records], indent=2, default=str))
         return

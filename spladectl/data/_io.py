@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import zlib
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -20,7 +21,7 @@ def open_text(path: str | Path) -> IO[str]:
     """Open a (possibly gzipped) UTF-8 file; utf-8-sig drops a BOM, universal newlines turn CRLF into LF."""
     path = Path(path)
     try:
-        if path.suffix == ".gz":
+        if path.suffix.lower() == ".gz":  # detect_format reads `.JSONL.GZ` as gzipped JSONL too
             return gzip.open(path, "rt", encoding="utf-8-sig")
         return open(path, encoding="utf-8-sig")
     except OSError as exc:
@@ -35,8 +36,15 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
                 yield number, line.rstrip("\r\n")
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-        except (OSError, EOFError) as exc:  # a truncated .gz
+        except (OSError, EOFError, zlib.error) as exc:  # a truncated or corrupt .gz
             raise DataError(f"{path}: cannot read ({exc})") from exc
+
+
+def _invalid_json(exc: ValueError | RecursionError) -> str:
+    """What json.loads's other errors mean: a number of more than 4300 digits, or arrays nested too deeply."""
+    if isinstance(exc, RecursionError):
+        return "invalid JSON (nested too deeply)"
+    return f"invalid JSON ({str(exc).split(':')[0]})"
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -48,6 +56,8 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{where(path, number)}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+        except (ValueError, RecursionError) as exc:
+            raise DataError(f"{where(path, number)}: {_invalid_json(exc)}") from exc
         if not isinstance(value, dict):
             raise DataError(f"{where(path, number)}: expected a JSON object, found {_json_type(value)}")
         yield number, value
@@ -63,6 +73,8 @@ def iter_json_array(path: str | Path) -> Iterator[tuple[int, Any]]:
             text = handle.read()
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        except (OSError, EOFError, zlib.error) as exc:  # a truncated or corrupt .gz
+            raise DataError(f"{path}: cannot read ({exc})") from exc
     decoder = json.JSONDecoder()
     lines = _LineCounter(text)
     pos = _skip_ws(text, 0)
@@ -78,6 +90,8 @@ def iter_json_array(path: str | Path) -> Iterator[tuple[int, Any]]:
                 value, end = decoder.raw_decode(text, pos)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where(path, exc.lineno)}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+            except (ValueError, RecursionError) as exc:
+                raise DataError(f"{where(path, lines.at(pos))}: {_invalid_json(exc)}") from exc
             yield lines.at(pos), value
             pos = _skip_ws(text, end)
             if pos < len(text) and text[pos] == ",":
@@ -101,6 +115,16 @@ def require_text(record: dict[str, Any], key: str, at: str, *, allow_empty: bool
         raise DataError(f"{at}: field '{key}' must be a string, found {_json_type(value)}")
     if not allow_empty and not value.strip():
         raise DataError(f"{at}: field '{key}' is empty")
+    return require_unicode(value, f"{at}: field '{key}'")
+
+
+def require_unicode(value: str, at: str) -> str:
+    """Text every tokenizer takes: a JSON escape like \\ud800 decodes to a lone surrogate, which is not Unicode text
+    (the Rust tokenizer rejects it with a TypeError, hours later); refuse it here, naming where it was."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(f"{at}: not valid Unicode (a lone surrogate, U+{ord(value[exc.start]):04X})") from None
     return value
 
 
@@ -114,7 +138,7 @@ def require_id(record: dict[str, Any], key: str, at: str) -> str:
     value = str(value)
     if not value.strip():
         raise DataError(f"{at}: field '{key}' is empty")
-    return value
+    return require_unicode(value, f"{at}: field '{key}'")
 
 
 def optional_score(record: dict[str, Any], key: str, at: str) -> float | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spladectl.data._io import iter_jsonl, iter_lines, require_id, require_text, where
+from spladectl.data._io import iter_jsonl, iter_lines, require_id, require_text, require_unicode, where
 from spladectl.errors import DataError
 
 
@@ -86,9 +86,11 @@ def read_corpus(path: Path) -> tuple[dict[str, str], dict[str, str]]:
 def corpus_entry(record: dict, at: str, *, id_key: str = "_id", text_key: str = "text") -> tuple[str, str, str]:
     """(id, title, "title text") of one corpus.jsonl record; a missing title is fine, an empty document is not."""
     doc_id = require_id(record, id_key, at)
-    title = record.get("title") or ""
+    title = record.get("title")
+    title = "" if title is None else title  # 0, false or [] are not a missing title
     if not isinstance(title, str):
         raise DataError(f"{at}: field 'title' must be a string")
+    require_unicode(title, f"{at}: field 'title'")
     text = require_text(record, text_key, at, allow_empty=True)
     joined = f"{title.strip()} {text.strip()}".strip()
     if not joined:
@@ -136,7 +138,7 @@ def read_qrels(
         query_id, doc_id, raw_score = (f.strip() for f in fields)
         score = _parse_score(raw_score)
         if score is None:
-            if is_first_row:  # the header: `query-id  corpus-id  score`
+            if is_first_row and query_id not in queries:  # the header: `query-id  corpus-id  score`, not a judgment
                 continue
             raise DataError(f"{at}: score {raw_score!r} is not an integer")
         if query_id not in queries:

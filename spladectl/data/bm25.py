@@ -60,7 +60,11 @@ class BM25:
         self._stemmer = stemmer(stem)
         self._retriever = bm25s.BM25()
         tokens = bm25s.tokenize(list(texts), stopwords="en", stemmer=self._stemmer, show_progress=show_progress)
-        self._retriever.index(tokens, show_progress=show_progress)
+        # No document with a word to index (only stopwords, digits, single letters): bm25s cannot build an index, and
+        # every query scores every document 0, in corpus order.
+        self._empty = not tokens.vocab
+        if not self._empty:
+            self._retriever.index(tokens, show_progress=show_progress)
 
     def search(
         self, queries: Sequence[str], k: int, *, show_progress: bool = False
@@ -73,6 +77,8 @@ class BM25:
         k = min(k, len(self.doc_ids))
         if not queries or k == 0:
             return np.zeros((len(queries), 0), dtype=np.int64), np.zeros((len(queries), 0), dtype=np.float32)
+        if self._empty:
+            return np.tile(np.arange(k, dtype=np.int64), (len(queries), 1)), np.zeros((len(queries), k), np.float32)
         tokens = self._query_tokens(queries)
         indices, scores = self._retriever.retrieve(tokens, k=k, show_progress=show_progress, n_threads=1)
         return np.asarray(indices, dtype=np.int64), np.asarray(scores, dtype=np.float32)
@@ -80,7 +86,7 @@ class BM25:
     def scores(self, queries: Sequence[str]) -> Iterator[np.ndarray]:
         """Each query's score of every document, (corpus size,) float32, in document order."""
         for words in self._query_tokens(queries):
-            if not words:  # only stopwords (e.g. "what is it"): no term to match, every document scores 0
+            if not words or self._empty:  # only stopwords (e.g. "what is it"): no term to match, every document 0
                 yield np.zeros(len(self.doc_ids), dtype=np.float32)
             else:
                 yield np.asarray(self._retriever.get_scores(words), dtype=np.float32)

@@ -84,10 +84,20 @@ def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
+def recover_staged(out: Path) -> None:
+    """After a kill: `out` back from where `staged_directory` had moved it aside, if it is missing; leftovers go."""
+    asides = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if asides and not out.exists():
+        asides.pop().rename(out)
+    for leftover in [*asides, *out.parent.glob(f".{out.name}.partial-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staged_directory(out: Path) -> Iterator[Path]:
     """A directory to fill that becomes `out` only when the block ends without an error: an existing `out` is moved
-    aside, replaced, then deleted; the staging directory never outlives the block."""
+    aside, replaced, then deleted; the staging directory never outlives the block. A kill between the two renames
+    leaves only the copy aside, which `recover_staged(out)` puts back."""
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from spladectl.data._io import iter_json_array, iter_jsonl, iter_lines, optional_score, require_text, where
+from spladectl.data._io import (
+    iter_json_array,
+    iter_jsonl,
+    iter_lines,
+    optional_score,
+    require_text,
+    require_unicode,
+    where,
+)
 from spladectl.errors import DataError
 
 
@@ -70,6 +78,8 @@ def read_tsv_triples(path: str | Path) -> list[Example]:
         query, positive, *negatives = (f.strip() for f in fields)
         example = grouped.setdefault((query, positive), Example(query, positive, [], None, at))
         example.negatives.extend(negatives)
+    if not grouped:  # as for JSON and JSONL: an empty file is a mistake, not a run with nothing to train on
+        raise DataError(f"{path}: no examples")
     return list(grouped.values())
 
 
@@ -94,7 +104,7 @@ def _example(record: Any, at: str) -> Example:
         if isinstance(item, str):
             if not item.strip():
                 raise DataError(f"{at}: {field} is empty")
-            negatives.append(item.strip())
+            negatives.append(require_unicode(item, f"{at}: {field}").strip())
             scores.append(None)
         elif isinstance(item, dict):
             negatives.append(require_text(item, "document", f"{at}: {field}").strip())

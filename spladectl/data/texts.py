@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spladectl.data._io import iter_jsonl, iter_lines, require_id, where
+from spladectl.data._io import iter_jsonl, iter_lines, require_id, require_unicode, where
 from spladectl.data.beir import corpus_entry
 from spladectl.errors import DataError
 
@@ -37,7 +37,7 @@ def text_file(path: str | Path, kind: str) -> Path:
 def iter_texts(path: str | Path, kind: str = "documents") -> Iterator[tuple[str, str, str]]:
     """(id, text, file:line) of every document or query, in file order."""
     path = text_file(path, kind)
-    suffixes = [s for s in path.suffixes if s != ".gz"]
+    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
     if suffixes and suffixes[-1] in (".tsv", ".txt", ".tab"):
         yield from _iter_tsv(path)
         return
@@ -53,7 +53,7 @@ def iter_texts(path: str | Path, kind: str = "documents") -> Iterator[tuple[str,
             text = record.get(text_key)
             if not isinstance(text, str) or not text.strip():
                 raise DataError(f"{at}: query '{query_id}' has no text (field '{text_key}')")
-            yield query_id, text.strip(), at
+            yield query_id, require_unicode(text, f"{at}: field '{text_key}'").strip(), at
 
 
 def _iter_tsv(path: Path) -> Iterator[tuple[str, str, str]]:

@@ -67,14 +67,15 @@ class Experiment:
 def load_experiment(path: str | Path, command) -> Experiment:
     """Read and check an experiment file against the train command's options; every mistake names the file and key."""
     from spladectl._compat import tomllib
+    from spladectl.profiles import toml_problem
 
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # TOML is UTF-8 whatever the locale; BOM dropped
     except OSError as exc:
         raise SpladectlError(f"{path}: cannot read the experiment file ({exc.strerror or exc})") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise SpladectlError(f"{path}: not valid TOML ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError, UnicodeDecodeError, a 5000-digit integer
+        raise SpladectlError(f"{path}: not valid TOML ({toml_problem(exc)})") from exc
     unknown = sorted(set(data) - set(TOP_LEVEL))
     if unknown:
         raise SpladectlError(f"{path}: unknown key(s) {', '.join(unknown)}; expected {', '.join(TOP_LEVEL)}",
@@ -128,6 +129,7 @@ def _table(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
 def _options(values: dict[str, Any], names: dict[str, str], where: str) -> dict[str, Any]:
     """Keys spelled as on the command line (max-steps, max_steps) -> the train command's option names."""
     out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for key, value in values.items():
         name = names.get(key)
         if name is None:
@@ -137,7 +139,9 @@ def _options(values: dict[str, Any], names: dict[str, str], where: str) -> dict[
                                  hint="`spladectl train --help` lists the options")
         if name in NOT_IN_POINTS:
             raise SpladectlError(f"{where}: {key} cannot be set in an experiment: {NOT_IN_POINTS[name]}")
-        out[name] = value
+        if name in out:  # `max-steps` and `max_steps`: one value would silently replace the other
+            raise SpladectlError(f"{where}: {spelled[name]!r} and {key!r} both set {name}; keep one")
+        out[name], spelled[name] = value, key
     return out
 
 
