@@ -6,6 +6,16 @@ import pytest
 from typer.testing import CliRunner
 
 
+def pytest_collection_modifyitems(config, items):
+    """Soak tests run only when asked for (`pytest -m soak`): they take tens of minutes."""
+    if "soak" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="a soak test: run it with `pytest -m soak`")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def cli():
     """`cli("profile", "list", "--json", env={...})` runs the real `spladectl` app in-process and returns the result.

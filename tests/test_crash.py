@@ -5,7 +5,7 @@ The moments (tests/crash_plugin.py) are drawn at random from every step's sites:
 way through a metrics line, during an evaluation, half way through best/, a checkpoint's state file, between a
 checkpoint's rename and the pruning of older ones, half way through final/. They run as chains: a process is killed at
 the first moment, its resume at the second, and so on; two chains run side by side. The seed is printed; set
-SPLADECTL_CRASH_SEED to replay one, SPLADECTL_CRASH_KILLS for more moments (the slow mode: `-m slow` runs 60).
+SPLADECTL_CRASH_SEED to replay one, SPLADECTL_CRASH_KILLS for more moments (the soak mode, `pytest -m soak`, runs 60).
 """
 
 from __future__ import annotations
@@ -140,6 +140,6 @@ def test_killed_at_twenty_moments_a_run_resumes_to_the_same_model(reference):
     _run_chains(reference, int(os.environ.get("SPLADECTL_CRASH_KILLS", 20)))
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 def test_killed_at_sixty_moments_a_run_resumes_to_the_same_model(reference):
     _run_chains(reference, 60)
