@@ -120,6 +120,28 @@ def test_an_output_dir_that_is_a_file_is_a_clear_error(cli, data, tmp_path):
     assert "Traceback" not in result.output and target.read_text() == "my notes\n"
 
 
+def test_a_read_only_output_dir_is_a_clear_error(cli, data, tmp_path):
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    if os.geteuid() == 0:  # root writes through permission bits: a read-only filesystem is what stops it
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(parent)],
+                          capture_output=True).returncode:
+            pytest.skip("running as root without the right to mount a read-only tmpfs")
+    else:
+        parent.chmod(0o555)
+    try:
+        result = cli("train", "--data", str(data), "-o", str(parent / "run"), "--max-steps", "1", *SMALL,
+                     env={"COLUMNS": "2000"})
+        assert result.exit_code == 2, result.output
+        assert f"{parent / 'run'}: cannot create the run directory (" in result.output
+        assert "Traceback" not in result.output
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(parent)], check=True)
+        else:
+            parent.chmod(0o755)
+
+
 def _fill_disk_at_second_checkpoint(monkeypatch):
     """Every checkpoint after the first meets a full disk (injected: the test may not mount a small filesystem)."""
     import torch
