@@ -102,6 +102,8 @@ def test_long_or_unsafe_names_stay_unique():
     ('[[points]]\nseed = 1\n[[points]]\nseed = 1\n', "two points are both named 'seed=1'"),
     ('name = "a/b"\n', "name 'a/b'"),
     ('[base\nlr = 1\n', "not valid TOML"),
+    # the negative spelling of a flag would read as the flag set: it is refused, the value goes with the positive one
+    ('[base]\n"--no-in-batch-negatives" = true\n', "[base]: unknown train option '--no-in-batch-negatives'"),
 ])
 def test_mistakes_name_the_file_and_key(tmp_path, command, text, message):
     path = write(tmp_path, text)

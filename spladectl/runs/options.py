@@ -44,10 +44,9 @@ def option_names(command) -> dict[str, str]:
         if param.name is None:
             continue
         names[param.name] = param.name
-        for opt in [*param.opts, *getattr(param, "secondary_opts", [])]:
+        for opt in param.opts:  # not `--no-x`: `"--no-x" = true` would read as x = true (the value is x's)
             if opt.startswith("--"):
-                bare = opt[2:].removeprefix("no-") if opt in getattr(param, "secondary_opts", []) else opt[2:]
-                for spelling in (opt, bare, bare.replace("-", "_")):
+                for spelling in (opt, opt[2:], opt[2:].replace("-", "_")):
                     names.setdefault(spelling, param.name)
     return names
 
