@@ -230,6 +230,7 @@ class Trainer:
         s.skipped_steps, s.examples_seen = state["skipped_steps"], state["examples_seen"]
         s.best_metric, s.split_factor = state.get("best_metric"), state.get("split_factor", 1)
         s.best_step, self.backoffs = state.get("best_step"), state.get("collapse_backoffs", 0)
+        self.nan_rollbacks = state.get("nan_rollbacks", 0)
         per_rank = state.get("rng_per_rank")
         ckpt.set_rng_state(per_rank[self.world.rank] if per_rank else state["rng"])
         self.log(f"resumed from {path} at step {s.step} (epoch {s.epoch}, micro-batch {s.position})")
@@ -243,7 +244,7 @@ class Trainer:
         payload = {
             "epoch": s.epoch, "position": s.position, "skipped_steps": s.skipped_steps,
             "examples_seen": s.examples_seen, "best_metric": s.best_metric, "split_factor": s.split_factor,
-            "best_step": s.best_step, "collapse_backoffs": self.backoffs,
+            "best_step": s.best_step, "collapse_backoffs": self.backoffs, "nan_rollbacks": self.nan_rollbacks,
             "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
             "scaler": s.scaler.state_dict(), "rng": rng[0], "config": self.config.to_dict(),
         }
@@ -629,13 +630,8 @@ class Trainer:
         self._snapshots = self._snapshots[:1]  # the newer one belongs to the steps being abandoned
         snapshot, backoffs_then = self._snapshots[0]
         snapshot.restore(s)
-        _scale_learning_rate(s.optimizer, s.scheduler, 0.5 ** (self.backoffs - backoffs_then))
-        self.detector.reset()
-        self._close_batches()  # the data position went back with the rest
-        message = (f"{found.describe()}; back to step {s.step} with the learning rate halved (peak "
-                   f"{c.lr * 0.5 ** self.backoffs:.3g}), backoff {self.backoffs} of {collapse.MAX_BACKOFFS}")
-        self.collapse_events.append(message)
-        self.log(f"warning: {message}")
+        self._went_back(found.describe(), 0.5 ** (self.backoffs - backoffs_then),
+                        f"backoff {self.backoffs} of {collapse.MAX_BACKOFFS}", 0.5 ** self.backoffs)
 
     def _roll_back(self, metrics: dict[str, Any]) -> None:
         """--on-nan rollback: back to the newest checkpoint (the run's start without one), half the learning rate."""
@@ -645,16 +641,24 @@ class Trainer:
         if self.nan_rollbacks > collapse.MAX_BACKOFFS:
             raise NonFiniteError(f"{what} again after {collapse.MAX_BACKOFFS} rollbacks with a halved learning rate; "
                                  "training stopped", hint=f"lower --lr (now {c.lr:g}) or look for the cause in the data")
-        found = ckpt.step_dirs(self.output_dir / "checkpoints")
+        rollbacks, found = self.nan_rollbacks, ckpt.step_dirs(self.output_dir / "checkpoints")
         if found:
-            self.resume(found[-1][1])
+            self.resume(found[-1][1])  # its learning rate already carries the rollbacks before it was written
         else:
             self._start.restore(s)
-        _scale_learning_rate(s.optimizer, s.scheduler, 0.5 ** self.nan_rollbacks)
+            self.nan_rollbacks = 0
+        then, self.nan_rollbacks = self.nan_rollbacks, rollbacks
+        self._went_back(what, 0.5 ** (rollbacks - then), f"rollback {rollbacks} of {collapse.MAX_BACKOFFS}",
+                        0.5 ** rollbacks)
+
+    def _went_back(self, why: str, factor: float, count: str, peak_factor: float) -> None:
+        """The rest of going back to an earlier state: the learning rate times `factor`, fresh detector and data."""
+        s = self.state
+        _scale_learning_rate(s.optimizer, s.scheduler, factor)
         self.detector.reset()
         self._close_batches()  # the data position went back with the rest
-        message = (f"{what}; back to step {s.step} with the learning rate halved (peak "
-                   f"{c.lr * 0.5 ** self.nan_rollbacks:.3g}), rollback {self.nan_rollbacks} of {collapse.MAX_BACKOFFS}")
+        message = (f"{why}; back to step {s.step} with the learning rate halved (peak "
+                   f"{self.config.lr * peak_factor:.3g}), {count}")
         self.collapse_events.append(message)
         self.log(f"warning: {message}")
 

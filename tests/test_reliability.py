@@ -284,3 +284,24 @@ def test_on_nan_rollback_recovers_from_a_one_off_nan(tmp_path, pm, registered):
 def test_on_nan_is_checked(tmp_path, pm):
     with pytest.raises(SpladectlError, match=r"--on-nan 'ignore': expected one of stop, skip, rollback"):
         Trainer(config(tmp_path, on_nan="ignore"), examples(), pm=pm, progress=False)
+
+
+def test_rollbacks_halve_the_rate_once_each_even_from_checkpoints_written_after_one(tmp_path, pm, registered):
+    class Once(PoisonAt):
+        @hookimpl
+        def loss_terms(self, inputs, state):
+            out = super().loss_terms(inputs, state)
+            self.steps.discard(state.step + 1)
+            return out
+
+    plain = Trainer(config(tmp_path / "plain", max_steps=8), examples(), pm=pm, progress=False)
+    plain.fit()
+    registered(Once(4, 6))
+    trainer = Trainer(config(tmp_path / "poisoned", max_steps=8, on_nan="rollback", save_every=1), examples(), pm=pm,
+                      progress=False)
+    result = trainer.fit()
+    assert [e.split("; ")[1].split(" with")[0] for e in result["collapse_events"]] == ["back to step 3", "back to step 5"]
+    lr = {r["step"]: r["lr"] for r in metrics_rows(tmp_path / "poisoned")}
+    ref = {r["step"]: r["lr"] for r in metrics_rows(tmp_path / "plain")}
+    # The step-5 checkpoint was written after the first rollback: going back to it halves its rate once, not twice.
+    assert [round(lr[k] / ref[k], 6) for k in range(1, 9)] == [1, 1, 1, 0.5, 0.5, 0.25, 0.25, 0.25]
