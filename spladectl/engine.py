@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from spladectl import checkpoint as ckpt
 from spladectl import collapse, distributed
@@ -42,6 +43,11 @@ from spladectl.errors import CollapseError, NonFiniteError, SpladectlError
 from spladectl.losses import LossInputs, chance_loss, contrastive_loss, flops_warmup_steps
 from spladectl.model import SpladeEncoder
 from spladectl.precision import autocast_dtype, low_precision_matmuls
+
+# Names of the parts of a step in a torch.profiler trace (`spladectl bench --profile-step` adds them up); a
+# record_function costs nothing measurable when no profiler is running.
+PHASE_DATA, PHASE_FORWARD, PHASE_LOSS, PHASE_BACKWARD = ("spladectl.data", "spladectl.forward", "spladectl.loss",
+                                                        "spladectl.backward")
 
 
 @dataclass
@@ -256,6 +262,10 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- data
     def _next_micro_batch(self) -> MicroBatch:
+        with record_function(PHASE_DATA):
+            return self._next_micro_batch_now()
+
+    def _next_micro_batch_now(self) -> MicroBatch:
         s, c = self.state, self.config
         while True:
             if self._batches is None:
@@ -303,12 +313,14 @@ class Trainer:
                     inputs, loss, terms = self._cached_backward(batch, share=share, sync=sync)
                 else:
                     with distributed.synchronising(self.encoder, sync=sync):
-                        with self.autocast():
+                        with self.autocast(), record_function(PHASE_FORWARD):
                             query, docs = self.encoder(batch.query_ids, batch.query_mask, batch.doc_ids,
                                                        batch.doc_mask)
-                        inputs = self._loss_inputs(query.float(), docs.float(), batch)
-                        loss, terms = self._loss(inputs)
-                        scaler.scale(loss * share).backward()
+                        with record_function(PHASE_LOSS):
+                            inputs = self._loss_inputs(query.float(), docs.float(), batch)
+                            loss, terms = self._loss(inputs)
+                        with record_function(PHASE_BACKWARD):
+                            scaler.scale(loss * share).backward()
                 self._add_to_step_metrics(totals, inputs, loss, terms, share=1 / len(pieces))
 
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones

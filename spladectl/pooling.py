@@ -24,6 +24,9 @@ CPU_TOKEN_BLOCK = 512
 # the whole vocabulary, 512 × 30522 bf16 being 31 MB. Not measured here (no GPU).
 DEFAULT_GPU_CHUNK_SIZE = 512
 
+# The vocabulary projection's name in a torch.profiler trace (its backward is the autograd node SpladeMaxHeadBackward).
+PHASE_HEAD = "spladectl.head"
+
 # Bound on the elements of the temporaries in the backward (active pairs × hidden, tokens × active terms).
 _BACKWARD_BLOCK_ELEMENTS = 1 << 22
 
@@ -70,7 +73,8 @@ def efficient_splade_pool(
     """
     if bias is None:
         bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-    best = SpladeMaxHead.apply(hidden, weight, bias, attention_mask, chunk_size)
+    with torch.profiler.record_function(PHASE_HEAD):
+        best = SpladeMaxHead.apply(hidden, weight, bias, attention_mask, chunk_size)
     return torch.log1p(torch.relu(best))
 
 

@@ -197,3 +197,18 @@ def test_fp16_is_skipped_on_a_cpu_without_native_fp16_matmuls(monkeypatch):
     assert unsupported_reason("32-true", cpu) is None
     monkeypatch.setattr(precision, "has_native_matmul", lambda device_type, dtype: True)
     assert unsupported_reason("16-mixed", cpu) is None
+
+
+def test_profile_step_splits_a_step_into_phases_and_op_kinds(cli):
+    rows = _rows(cli("bench", *SMALL, "--steps", "1", "--precisions", "32-true", "--in-process", "--profile-step",
+                     "--json"))
+    breakdown = rows[0]["step_breakdown"]
+    phases = {p["phase"]: p for p in breakdown["phases"]}
+    assert {"data", "encoder forward", "head forward (vocabulary projection + max)", "head backward",
+            "rest of backward (encoder)", "optimizer", "loss"} <= set(phases)
+    # A real step: the encoder, the head and the optimizer each took time, and the parts add up to the step.
+    for name in ("encoder forward", "head forward (vocabulary projection + max)", "head backward", "optimizer"):
+        assert phases[name]["ms"] > 0, name
+    assert 0.9 <= sum(p["share"] for p in phases.values()) <= 1.05
+    kinds = {k["kind"]: k["share"] for k in breakdown["kinds"]}
+    assert kinds["matrix products"] > 0 and abs(sum(kinds.values()) - 1) < 1e-3

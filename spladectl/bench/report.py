@@ -79,6 +79,16 @@ def render_table(rows: list[dict[str, Any]], console) -> None:
     for r in ok:
         if r.get("note"):
             console.print(f"{r['precision']}: {r['note']}")
+        if r.get("step_breakdown"):
+            breakdown = r["step_breakdown"]
+            for key, title in (("phases", "phase"), ("kinds", "kind")):
+                table = Table(title=f"one {r['precision']} step ({1e3 * breakdown['step_s']:.0f} ms), by {title}",
+                              box=box.SIMPLE_HEAD)
+                for name in (title, "ms", "share"):
+                    table.add_column(name, justify="left" if name == title else "right")
+                for part in breakdown[key]:
+                    table.add_row(Text(part[title]), f"{part['ms']:.1f}", f"{100 * part['share']:.1f}%")
+                console.print(table)
         if r.get("top_ops"):
             top = Table(title=f"top ops of one {r['precision']} step (self time)", box=box.SIMPLE_HEAD)
             for name in ("op", "self ms", "share", "calls"):

@@ -36,6 +36,7 @@ class BenchSettings:
     find_max_batch: bool = False
     memory_budget_gb: float | None = None  # None: default_memory_budget(device)
     top_ops: int = 0  # profile one extra step and keep its N most expensive ops
+    profile_step: bool = False  # profile one extra step and split its time by phase and op kind
     data: str | None = None  # None: synthetic examples from the demo
     profile: str = "cpu"
     seed: int = 42

@@ -125,11 +125,63 @@ def profile_top_ops(run: _Run, n: int) -> list[dict[str, Any]]:
              "share": round(getattr(e, attr, 0.0) / total, 4), "calls": int(e.count)} for e in ranked]
 
 
+# Ops that are matrix products, for the "kind" table of --profile-step; everything else is element-wise or copying.
+_GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+             "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
+             "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention",
+             "aten::mkldnn_linear", "mkl::_mkl_linear", "mkldnn::_linear_pointwise")
+
+
+def profile_step_breakdown(run: _Run) -> dict[str, Any]:
+    """Where one optimizer step's wall time goes (torch.profiler): shares by phase (data, encoder forward, the SPLADE
+    head's projection and its backward, loss, the rest of backward, optimizer, other) and by op kind (matrix
+    products against element-wise work), on the step's own thread."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from spladectl.engine import PHASE_BACKWARD, PHASE_DATA, PHASE_FORWARD, PHASE_LOSS
+    from spladectl.pooling import PHASE_HEAD
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        seconds, _ = run.step()
+    wall_us = seconds * 1e6
+    spent: dict[str, float] = {}
+    for event in prof.events():
+        name = event.name
+        if name.startswith("Optimizer.step#"):
+            name = "optimizer"
+        elif "SpladeMaxHeadBackward" in name and name.startswith("autograd::engine::evaluate_function"):
+            name = "head backward"
+        spent[name] = spent.get(name, 0.0) + event.cpu_time_total
+    head, head_back = spent.get(PHASE_HEAD, 0.0), spent.get("head backward", 0.0)
+    phases = {
+        "data": spent.get(PHASE_DATA, 0.0),
+        "encoder forward": spent.get(PHASE_FORWARD, 0.0) - head,
+        "head forward (vocabulary projection + max)": head,
+        "loss": spent.get(PHASE_LOSS, 0.0),
+        "head backward": head_back,
+        "rest of backward (encoder)": spent.get(PHASE_BACKWARD, 0.0) - head_back,
+        "optimizer": spent.get("optimizer", 0.0),
+    }
+    phases["other (clipping, scaler, metrics, host)"] = max(0.0, wall_us - sum(phases.values()))
+    self_time = {}
+    for event in prof.key_averages():
+        kind = "matrix products" if event.key in _GEMM_OPS else "element-wise, copies and the rest"
+        self_time[kind] = self_time.get(kind, 0.0) + event.self_cpu_time_total
+    total_self = sum(self_time.values()) or 1.0
+    return {
+        "step_s": round(seconds, 4),
+        "phases": [{"phase": k, "ms": round(v / 1e3, 1), "share": round(v / wall_us, 4)} for k, v in phases.items()],
+        "kinds": [{"kind": k, "ms": round(v / 1e3, 1), "share": round(v / total_self, 4)}
+                  for k, v in sorted(self_time.items(), key=lambda kv: -kv[1])],
+    }
+
+
 def bench_precision(settings: BenchSettings, precision: str, examples, pm, log: Log, workdir: str,
                     peaks: dict[str, float]) -> dict[str, Any]:
     """One row of the bench table for `precision` (which must be supported on the device)."""
     device = torch.device(settings.device)
-    extra = 1 + (1 if settings.top_ops else 0)  # the FLOP-counting step and the profiled one
+    # the FLOP-counting step and the profiled ones
+    extra = 1 + (1 if settings.top_ops else 0) + (1 if settings.profile_step else 0)
     release_memory(device)
     run = _Run(settings, precision, settings.batch_size, settings.warmup + settings.steps + extra, examples, pm,
                log, workdir)
@@ -163,6 +215,7 @@ def bench_precision(settings: BenchSettings, precision: str, examples, pm, log: 
                                              tuple(batch.doc_ids.shape))
             flops_source = "estimate"
         top = profile_top_ops(run, settings.top_ops) if settings.top_ops else None
+        breakdown = profile_step_breakdown(run) if settings.profile_step else None
         tokenize = tokenize_seconds(run.trainer.collator, examples, settings.batch_size, settings.seed)
     finally:
         run.close()
@@ -195,4 +248,6 @@ def bench_precision(settings: BenchSettings, precision: str, examples, pm, log: 
         row["note"] = f"out-of-memory recovery split each micro-batch in {split}"
     if top is not None:
         row["top_ops"] = top
+    if breakdown is not None:
+        row["step_breakdown"] = breakdown
     return row

@@ -32,6 +32,7 @@ def bench(
     memory_efficient_head: bool = typer.Option(True, "--memory-efficient-head/--plain-head", help="The chunked SPLADE head (default) or full logits + max-pool."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice)."),
     top_ops: int = typer.Option(0, "--top-ops", min=0, help="Profile one extra step per precision and list its N most expensive ops."),
+    profile_step: bool = typer.Option(False, "--profile-step", help="Profile one extra step per precision and print where its time goes: data, encoder, the SPLADE head forward and backward, loss, optimizer; matrix products against element-wise work."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Benchmark on this training data (any `spladectl train --data` format) instead of synthetic examples."),
     seed: int = typer.Option(42, "--seed", help="Seed for data order and initialisation."),
     isolate: bool = typer.Option(True, "--isolate/--in-process", help="Run each precision in its own process (default), so each peak memory is its own; --in-process is quicker."),
@@ -60,7 +61,7 @@ def bench(
         warmup=warmup, max_query_length=resolved.max_query_length, max_doc_length=resolved.max_doc_length,
         tf32=resolved.tf32, gradient_checkpointing=resolved.gradient_checkpointing,
         memory_efficient_head=memory_efficient_head, dataloader_workers=resolved.dataloader_workers,
-        find_max_batch=find_max_batch, memory_budget_gb=memory_budget, top_ops=top_ops, data=data,
+        find_max_batch=find_max_batch, memory_budget_gb=memory_budget, top_ops=top_ops, profile_step=profile_step, data=data,
         profile=resolved.name, seed=seed, threads=threads,
     )
     log(f"spladectl bench: {model} on {settings.device} (profile {resolved.name}), batch {settings.batch_size}, "
