@@ -305,3 +305,15 @@ def test_rollbacks_halve_the_rate_once_each_even_from_checkpoints_written_after_
     ref = {r["step"]: r["lr"] for r in metrics_rows(tmp_path / "plain")}
     # The step-5 checkpoint was written after the first rollback: going back to it halves its rate once, not twice.
     assert [round(lr[k] / ref[k], 6) for k in range(1, 9)] == [1, 1, 1, 0.5, 0.5, 0.25, 0.25, 0.25]
+
+
+def test_16_mixed_leaves_a_nan_step_to_its_loss_scaler(tmp_path, pm, registered):
+    # fp16 autocast and GradScaler("cpu") run on a CPU: the scaler skips the step and lowers the scale, as on a GPU,
+    # and --on-nan stop does not interfere with what the scaler is for.
+    registered(PoisonAt(2))
+    trainer = Trainer(config(tmp_path, max_steps=3, precision="16-mixed", on_nan="stop"), examples(), pm=pm,
+                      progress=False)
+    result = trainer.fit()
+    rows = metrics_rows(tmp_path)
+    assert result["steps"] == 3 and rows[1]["skipped"]  # (the scaler may skip its first step too: 2^16 overflows)
+    assert rows[2]["loss_scale"] < rows[1]["loss_scale"] and not any("non_finite" in r for r in rows)
