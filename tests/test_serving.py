@@ -4,6 +4,7 @@ shards, the same files from any number of processes, and an index that answers l
 from __future__ import annotations
 
 import json
+import shutil
 import os
 from pathlib import Path
 
@@ -200,6 +201,15 @@ def test_eval_on_an_index_matches_eval_on_the_corpus(cli, small_scifact, tmp_pat
         assert indexed["nDCG@10"] == pytest.approx(exact["nDCG@10"], abs=1e-9)
     assert indexed["avg_doc_dims"] == pytest.approx(exact["avg_doc_dims"], rel=1e-6)
     assert indexed["latency_ms_p50"] > 0
+    # The index knows the documents: a directory with only queries and qrels evaluates the same, no corpus read.
+    judged_only = tmp_path / "judged-only"
+    (judged_only / "qrels").mkdir(parents=True)
+    shutil.copy(small_scifact / "queries.jsonl", judged_only)
+    shutil.copy(small_scifact / "qrels" / "train.tsv", judged_only / "qrels")
+    common_judged = [str(judged_only) if arg == str(small_scifact) else arg for arg in common]
+    without_corpus = cli("eval", *common_judged, "--index", str(tmp_path / "index"))
+    assert without_corpus.exit_code == 0, without_corpus.output
+    assert json.loads(without_corpus.stdout)[0]["nDCG@10"] == indexed["nDCG@10"]
     searched = cli("search", "protein folding", "--index", str(tmp_path / "index"), "-d", str(small_scifact),
                    "--json", "--no-progress")
     assert searched.exit_code == 0 and len(json.loads(searched.stdout)["results"]) == 10

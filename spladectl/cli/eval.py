@@ -66,16 +66,22 @@ def eval_command(
     if run_file is not None and run_file.is_dir():  # say so now, not after minutes of encoding
         raise SpladectlError(f"--run-file: {run_file} is a directory")
     device, precision = resolve_device_precision(profile, device, precision)
-    dataset = load_beir(data, split)
+    opened = None
+    if index is not None:
+        from spladectl.index import open_index
+
+        opened = open_index(index)
+        opened.check_model(model)
+    # With an index and no BM25 row the corpus text is not needed: its ids come from the index.
+    indexed = (set(opened.doc_ids), opened.path / "doc_ids.txt") if opened is not None and not baselines else None
+    dataset = load_beir(data, split, indexed=indexed)
     encoder = load_encoder(model, device)
     max_query_length, max_doc_length = encoder.lengths(max_query_length, max_doc_length)
 
     rows: list[dict[str, Any]] = []
-    if index is not None:
-        from spladectl.index import index_run, open_index
+    if opened is not None:
+        from spladectl.index import index_run
 
-        opened = open_index(index)
-        opened.check_model(model)
         max_doc_length = opened.meta["max_length"]
         query_ids = list(dataset.queries)
         result = index_run(encoder, opened, query_ids, [dataset.queries[q] for q in query_ids],

@@ -6,6 +6,7 @@ silently dropped row. A document's text is its title and text joined with one sp
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,16 +49,26 @@ def available_splits(root: str | Path) -> list[str]:
     return sorted(p.stem for p in qrels_dir.glob("*.tsv")) if qrels_dir.is_dir() else []
 
 
-def load_beir(path: str | Path, split: str = "test") -> BeirDataset:
-    """Read and validate one split of a BEIR directory."""
-    root = _check_dir(path)
+def load_beir(path: str | Path, split: str = "test", *, indexed: tuple[Collection[str], str] | None = None) -> BeirDataset:
+    """Read and validate one split of a BEIR directory.
+
+    `indexed` = (document ids, where they are) for a caller that searches an index built from the corpus: the
+    corpus is then not read (on MS MARCO it is gigabytes of text nobody needs), qrels are checked against those ids,
+    and the dataset's corpus is empty.
+    """
+    root = _check_dir(path, needs=("queries.jsonl",) if indexed else ("corpus.jsonl", "queries.jsonl"))
     qpath = qrels_path(root, split)
     if not qpath.exists():
         splits = ", ".join(available_splits(root)) or "none"
         raise DataError(f"{root}: no qrels for split '{split}' ({qpath} does not exist; splits found: {splits})")
-    corpus, titles = read_corpus(root / "corpus.jsonl")
+    if indexed is None:
+        corpus, titles = read_corpus(root / "corpus.jsonl")
+        documents, documents_from = corpus, root / "corpus.jsonl"
+    else:
+        corpus, titles = {}, {}
+        documents, documents_from = indexed
     all_queries = read_queries(root / "queries.jsonl")
-    qrels, lines = read_qrels(qpath, queries=all_queries, corpus=corpus)
+    qrels, lines = read_qrels(qpath, queries=all_queries, corpus=documents, corpus_from=documents_from)
     queries = {qid: all_queries[qid] for qid in qrels}
     return BeirDataset(corpus, queries, qrels, titles, root, split, lines)
 
@@ -115,7 +126,7 @@ def read_queries(path: Path) -> dict[str, str]:
 
 
 def read_qrels(
-    path: Path, *, queries: dict[str, str], corpus: dict[str, str]
+    path: Path, *, queries: dict[str, str], corpus: Collection[str], corpus_from: str | Path | None = None,
 ) -> tuple[dict[str, dict[str, int]], dict[tuple[str, str], int]]:
     """qrels/<split>.tsv -> (qid -> docid -> score, (qid, docid) -> line).
 
@@ -144,7 +155,7 @@ def read_qrels(
         if query_id not in queries:
             raise DataError(f"{at}: query id '{query_id}' is not in {path.parent.parent / 'queries.jsonl'}")
         if doc_id not in corpus:
-            raise DataError(f"{at}: corpus id '{doc_id}' is not in {path.parent.parent / 'corpus.jsonl'}")
+            raise DataError(f"{at}: corpus id '{doc_id}' is not in {corpus_from or path.parent.parent / 'corpus.jsonl'}")
         judged = qrels.setdefault(query_id, {})
         if doc_id in judged and judged[doc_id] != score:
             raise DataError(
