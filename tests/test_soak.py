@@ -19,6 +19,13 @@ from test_cli_train import ROWS
 KEEP = 3
 
 
+def rss_window(rows: list[dict], tenth: int) -> dict[str, float]:
+    """Peak and median RSS (GiB) over the `tenth`-th tenth of the steps (0-based)."""
+    n = len(rows)
+    window = sorted(r["memory_gb"] for r in rows[tenth * n // 10:(tenth + 1) * n // 10])
+    return {"max": window[-1], "median": window[len(window) // 2]}
+
+
 def _soak(tmp_path: Path, steps: int, every: int) -> None:
     data = tmp_path / "triples.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
@@ -31,9 +38,11 @@ def _soak(tmp_path: Path, steps: int, every: int) -> None:
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
-    # Memory: after the first tenth (allocator and caches warming up), RSS stays within 5% of where it was.
-    rss = [r["memory_gb"] for r in rows[steps // 10:]]
-    assert max(rss) <= 1.05 * rss[0], f"RSS grew from {rss[0]:.3f} to {max(rss):.3f} GiB"
+    # Memory: RSS swings by ~15% from step to step (batches of other lengths, memory handed back to the system), so
+    # the envelope is compared: its peak and median over the last tenth of the steps stay within 5% of those over
+    # the second tenth (the first is the allocator and caches warming up).
+    early, late = rss_window(rows, 1), rss_window(rows, 9)
+    assert late["max"] <= 1.05 * early["max"] and late["median"] <= 1.05 * early["median"], (early, late)
     # Retention: the newest KEEP checkpoints and nothing else; disk use is theirs plus one model and the logs.
     checkpoints = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir())
     assert checkpoints == [steps - every * k for k in reversed(range(KEEP))]
