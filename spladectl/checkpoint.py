@@ -112,8 +112,7 @@ def _write_failed(checkpoints: Path, step: int, exc: BaseException, estimate: in
         free = shutil.disk_usage(checkpoints if checkpoints.exists() else checkpoints.parent).free
     except OSError:
         free = None
-    full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or (
-        needed is not None and free is not None and free < needed)
+    full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or (free is not None and free < needed)
     if full:
         reason = os.strerror(errno.ENOSPC)
     elif isinstance(exc, OSError):
@@ -122,10 +121,9 @@ def _write_failed(checkpoints: Path, step: int, exc: BaseException, estimate: in
         return None
     kept = f"the previous checkpoint ({previous[-1][1].name}) is intact" if previous else "no earlier checkpoint exists"
     message = f"{checkpoints / f'step-{step}'}: the checkpoint could not be written ({reason}); {kept}"
-    hint = "free some space or choose another --output-dir, then resume with --resume latest"
-    if needed is not None:
-        space = f" and {free / 2**20:.0f} MiB are free there" if free is not None else ""
-        hint = f"a checkpoint takes about {needed / 2**20:.0f} MiB{space}; {hint}"
+    space = f" and {free / 2**20:.0f} MiB are free there" if free is not None else ""
+    hint = (f"a checkpoint takes about {needed / 2**20:.0f} MiB{space}; free some space or choose another "
+            "--output-dir, then resume with --resume latest")
     return CheckpointError(message, hint=hint)
 
 

@@ -191,6 +191,9 @@ def _detect_cpu(facts: HardwareFacts) -> None:
         facts.bf16_matmul_speedup = _safe(lambda: bf16_matmul_speedup(facts), None)
 
 
+_MEASURED: dict[str, float] = {}  # this process's measurements, by the key of the file below
+
+
 def bf16_matmul_speedup(facts: HardwareFacts) -> float:
     """bf16 ÷ float32 throughput of a 512 × 512 × 512 matmul on this CPU, with torch's threads; measured once and
     kept in ~/.cache/spladectl/bf16-matmul.json for this CPU, flag set, torch and thread count (a fraction of a
@@ -211,8 +214,10 @@ def bf16_matmul_speedup(facts: HardwareFacts) -> float:
         known = {}
     if isinstance(known.get(key), (int, float)):
         return float(known[key])
-    speedup = round(_matmul_seconds(torch, torch.float32) / _matmul_seconds(torch, torch.bfloat16), 2)
-    known[key] = speedup
+    # Half a second on a slow-bf16 CPU: once per process even where the file cannot be kept (a read-only home).
+    if key not in _MEASURED:
+        _MEASURED[key] = round(_matmul_seconds(torch, torch.float32) / _matmul_seconds(torch, torch.bfloat16), 2)
+    speedup = known[key] = _MEASURED[key]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{os.getpid()}")

@@ -165,7 +165,7 @@ def test_bf16_matmul_speedup_is_measured_once_per_cpu(tmp_path, monkeypatch):
     cache.write_text(json.dumps({key: 7.5}))
     assert hardware.bf16_matmul_speedup(facts) == 7.5  # read back, not measured again
     cache.write_text("{not json")
-    assert 0 < hardware.bf16_matmul_speedup(facts) != 7.5  # a broken cache is measured again and rewritten
+    assert 0 < hardware.bf16_matmul_speedup(facts) != 7.5  # a broken cache is not believed, and is rewritten
     assert json.loads(cache.read_text())[key] > 0
 
 
