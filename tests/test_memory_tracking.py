@@ -8,6 +8,7 @@ drivers.
 
 from __future__ import annotations
 
+import mmap
 import time
 from types import SimpleNamespace
 
@@ -35,11 +36,16 @@ def config(tmp_path, **overrides):
 
 
 def hold(megabytes: int, seconds: float = 0.2) -> None:
-    """Touch `megabytes` of fresh memory for a moment, then free it (glibc returns large blocks at once). The moment
-    is 40 sampling intervals: long enough for the sampler thread to run on a busy machine."""
-    block = np.ones(megabytes * 2**20, dtype=np.uint8)
+    """Touch `megabytes` of fresh memory for a moment, then give it back to the kernel. The memory is mapped here
+    rather than taken from malloc: in a process whose heap earlier tests fragmented, malloc may serve the block from
+    free heap pages and keep them resident after free. The moment is 40 sampling intervals: long enough for the
+    sampler thread to run on a busy machine."""
+    block = mmap.mmap(-1, megabytes * 2**20)
+    pages = np.frombuffer(block, dtype=np.uint8)
+    pages.fill(1)
     time.sleep(seconds)
-    del block
+    del pages
+    block.close()
 
 
 # ------------------------------------------------------------------------------------------------ process RSS, real
