@@ -162,6 +162,8 @@ class Trainer:
             config.model, memory_efficient_head=config.memory_efficient_head,
             gradient_checkpointing=config.gradient_checkpointing,
         ).to(self.device)
+        if self.device.type == "cpu":
+            model.use_cpu_dropout()
         if self.world.distributed:
             # Every process starts from the same weights (DDP also broadcasts rank 0's); dropout draws its own masks.
             seed_everything(config.seed + 7919 * self.world.rank)

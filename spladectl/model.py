@@ -235,6 +235,12 @@ class SpladeEncoder(nn.Module):
         else:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
+    def use_cpu_dropout(self) -> bool:
+        """Cheaper dropout masks for training on CPU (see spladectl.dropout); True when attention uses them too."""
+        from spladectl.dropout import use_cpu_dropout
+
+        return use_cpu_dropout(self.model)
+
     # -- encoding -----------------------------------------------------------------------------------------------------
 
     @staticmethod

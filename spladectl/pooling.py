@@ -74,8 +74,8 @@ def efficient_splade_pool(
     if bias is None:
         bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
     with torch.profiler.record_function(PHASE_HEAD):
-        best = SpladeMaxHead.apply(hidden, weight, bias, attention_mask, chunk_size)
-    return torch.log1p(torch.relu(best))
+        positive_max = SpladeMaxHead.apply(hidden, weight, bias, attention_mask, chunk_size)
+    return torch.log1p(positive_max)
 
 
 def _output_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -91,12 +91,13 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 class SpladeMaxHead(torch.autograd.Function):
-    """max over real tokens t of (hidden[b, t] @ weight.T + bias) → (B, V) float32, tile by tile of the vocabulary.
+    """relu(max over real tokens t of hidden[b, t] @ weight.T + bias) → (B, V) float32, tile by tile of the vocabulary.
 
-    Saved for backward: the inputs (already alive: they are the encoder's activation and the parameters) and the
-    positions of the real tokens. The argmax is not stored: the backward only needs it where the upstream gradient
-    is non-zero, which for log1p(relu(.)) is where the max is positive — a few hundred terms per example — and
-    recomputes it there for a small fraction of the forward's cost.
+    The relu is part of the function because only positive maxima matter downstream, which lets the bf16 path on CPU
+    find them without float comparisons (see _positive_max_by_vocabulary_tile). Saved for backward: the inputs
+    (already alive: they are the encoder's activation and the parameters), the positions of the real tokens and which
+    maxima are positive. The argmax is not stored: the backward only needs it where the max is positive — a few
+    hundred terms per example — and recomputes it there for a small fraction of the forward's cost.
     """
 
     @staticmethod
@@ -110,40 +111,47 @@ class SpladeMaxHead(torch.autograd.Function):
         lengths = mask.sum(1).tolist()
         packed = hidden.reshape(B * T, H).index_select(0, positions).to(dtype)
         w = weight.to(dtype)
-
-        best = torch.full((B, V), float("-inf"), dtype=dtype, device=hidden.device)
         starts = [0]
         for n in lengths:
             starts.append(starts[-1] + n)
-        if hidden.device.type == "cpu":
-            _max_by_vocabulary_tile(packed, w, starts, best, chunk_size or DEFAULT_VOCAB_TILE)
-        else:
-            _max_by_token_chunk(packed, w, starts, best, chunk_size or DEFAULT_GPU_CHUNK_SIZE)
-        # The bias is per term, so it commutes with the max over tokens: add it to B×V values, not B×T×V.
-        out_dtype = _output_dtype(weight.dtype)
-        out = best.to(out_dtype) + bias.to(out_dtype)
 
-        ctx.save_for_backward(hidden, weight, positions)
+        out_dtype = _output_dtype(weight.dtype)
+        on_cpu = hidden.device.type == "cpu"
+        if on_cpu and dtype == torch.bfloat16 and _all_finite(packed, w, bias):
+            rows, w_bias = _with_bias_column(packed, w, bias.to(dtype))
+            best = torch.zeros(B, V, dtype=dtype, device=hidden.device)  # max(0, ·): +0.0 is the int16 key 0
+            _positive_max_by_vocabulary_tile(rows, w_bias, starts, best, chunk_size or DEFAULT_VOCAB_TILE)
+            out = best.to(out_dtype)
+        else:
+            best = torch.full((B, V), float("-inf"), dtype=dtype, device=hidden.device)
+            if on_cpu:
+                _max_by_vocabulary_tile(packed, w, starts, best, chunk_size or DEFAULT_VOCAB_TILE)
+            else:
+                _max_by_token_chunk(packed, w, starts, best, chunk_size or DEFAULT_GPU_CHUNK_SIZE)
+            # The bias is per term, so it commutes with the max over tokens: add it to B×V values, not B×T×V.
+            out = torch.relu(best.to(out_dtype) + bias.to(out_dtype))
+
+        ctx.save_for_backward(hidden, weight, positions, out > 0)
         ctx.lengths = lengths
         ctx.dtype, ctx.bias_dtype = dtype, bias.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, positions = ctx.saved_tensors
+        hidden, weight, positions, positive = ctx.saved_tensors
         B, T, H = hidden.shape
         V = weight.shape[0]
         grad_hidden = grad_weight = grad_bias = None
         acc = _output_dtype(weight.dtype)  # gradients accumulate in fp32 even when the forward ran in bf16
         with torch.autocast(hidden.device.type, enabled=False):
-            grad_out = grad_out.to(acc)
+            grad_out = grad_out.to(acc) * positive  # relu: no gradient where the max is not positive
             if ctx.needs_input_grad[2]:
                 grad_bias = grad_out.sum(0).to(ctx.bias_dtype)
             need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             if not (need_h or need_w):
                 return grad_hidden, grad_weight, grad_bias, None, None
 
-            # Only pairs with a non-zero gradient matter; after relu that is where the max is positive.
+            # Only pairs with a non-zero gradient matter: a few hundred positive maxima per example.
             flat = grad_out.reshape(-1)
             active = flat.nonzero().squeeze(1)
             pair_example, pair_term = active // V, active % V
@@ -173,23 +181,35 @@ class SpladeMaxHead(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
-def _max_by_vocabulary_tile(packed, w, starts, best, tile: int) -> None:
-    # Tile-major: a (tile, H) slice of the projection stays in cache while the tokens pass through it in blocks of
-    # CPU_TOKEN_BLOCK rows (texts back to back, a text may straddle two blocks), and each (block, tile) product is
-    # reduced right after the matmul that wrote it, while it is still in cache. One text at a time (a few hundred
-    # rows) left the GEMM at ~170 GFLOPS where 512-row blocks reach ~190 (2-core Xeon, fp32, measured 2026-12-03).
+def _token_blocks(packed, starts, pad_to: int = 1) -> list:
+    """The packed tokens in blocks of CPU_TOKEN_BLOCK rows, each with the (example, first row, end row) segments of
+    the texts it holds (texts back to back, a text may straddle two blocks). The last block is padded with zero rows
+    (in no text's segment) to a multiple of `pad_to`."""
     n_rows = starts[-1]
     blocks = []
     for r0 in range(0, n_rows, CPU_TOKEN_BLOCK):
         r1 = min(r0 + CPU_TOKEN_BLOCK, n_rows)
         rows = packed[r0:r1]
-        if w.dtype in (torch.bfloat16, torch.float16) and (r1 - r0) % 32:
-            # oneDNN keeps a compiled kernel (≈1.5 MB) per bf16/fp16 matmul shape it meets; zero rows (in no text's
-            # segment) round the last block up so the shapes stay few and RSS does not grow with every length.
-            rows = torch.cat([rows, rows.new_zeros(-(r1 - r0) % 32, rows.shape[1])])
+        if (r1 - r0) % pad_to:
+            rows = torch.cat([rows, rows.new_zeros(-(r1 - r0) % pad_to, rows.shape[1])])
         segments = [(b, max(starts[b], r0) - r0, min(starts[b + 1], r1) - r0)
                     for b in range(len(starts) - 1) if max(starts[b], r0) < min(starts[b + 1], r1)]
         blocks.append((rows, segments))
+    return blocks
+
+
+# oneDNN keeps a compiled kernel (≈1.5 MB) per bf16/fp16 matmul shape it meets; rounding the last token block up to
+# a multiple of this keeps the shapes few, so RSS does not grow with every new length.
+_LOW_PRECISION_ROWS = 32
+
+
+def _max_by_vocabulary_tile(packed, w, starts, best, tile: int) -> None:
+    # Tile-major: a (tile, H) slice of the projection stays in cache while the tokens pass through it in blocks, and
+    # each (block, tile) product is reduced right after the matmul that wrote it, while it is still in cache. One
+    # text at a time (a few hundred rows) left the GEMM at ~170 GFLOPS where 512-row blocks reach ~190 (2-core Xeon,
+    # fp32, measured 2026-12-03).
+    low_precision = w.dtype in (torch.bfloat16, torch.float16)
+    blocks = _token_blocks(packed, starts, _LOW_PRECISION_ROWS if low_precision else 1)
     for v0 in range(0, w.shape[0], tile):
         w_tile = w[v0 : v0 + tile]
         for rows, segments in blocks:
@@ -197,6 +217,46 @@ def _max_by_vocabulary_tile(packed, w, starts, best, tile: int) -> None:
             for b, s0, s1 in segments:
                 target = best[b, v0 : v0 + tile]
                 torch.maximum(target, logits[s0:s1].amax(0), out=target)
+
+
+def _positive_max_by_vocabulary_tile(packed, w, starts, best, tile: int) -> None:
+    """bf16 on CPU: best (B, V) bf16, zeros on entry, becomes max(0, max over each text's tokens of packed @ w.T).
+
+    A bf16 max over tokens ran at a sixth of the speed of an int16 one (Xeon with AMX, 2026-12-03), and with AMX it
+    cost as much as the matmul before it. Non-negative bf16 values order like their bit patterns read as int16, and
+    every negative value reads as a negative int16; so against a floor of +0.0 (the int16 0) the int16 max of the bits
+    is the bits of the float max. Only finite inputs take this path: a NaN with its sign bit set (x86's default NaN)
+    would read as a negative number and vanish. The max must include the bias to be compared with zero, so the
+    caller folds it into the operands (_with_bias_column).
+    """
+    keys = best.view(torch.int16)
+    blocks = _token_blocks(packed, starts, _LOW_PRECISION_ROWS)
+    for v0 in range(0, w.shape[0], tile):
+        w_tile = w[v0 : v0 + tile]
+        for rows, segments in blocks:
+            logits = torch.nn.functional.linear(rows, w_tile).view(torch.int16)  # (block, tile)
+            for b, s0, s1 in segments:
+                target = keys[b, v0 : v0 + tile]
+                torch.maximum(target, logits[s0:s1].amax(0), out=target)
+
+
+# Columns appended to the head's operands to carry the bias: a 1 (or the bias) and zeros up to a multiple of 32,
+# AMX's bf16 tile depth. A (512 × 160) · (160 × 2048) bf16 matmul took 0.31 ms where the same product with a bias
+# argument took 0.43 ms (oneDNN first copies the bias into every output row) and without bias 0.25 ms (Xeon with AMX).
+_BIAS_COLUMNS = 32
+
+
+def _with_bias_column(packed, w, bias):
+    """(rows | 1 0…0) and (w | bias 0…0): their product is packed @ w.T + bias, summed in the matmul's accumulator."""
+    ones = packed.new_zeros(packed.shape[0], _BIAS_COLUMNS)
+    ones[:, 0] = 1
+    column = w.new_zeros(w.shape[0], _BIAS_COLUMNS)
+    column[:, 0] = bias
+    return torch.cat([packed, ones], 1), torch.cat([w, column], 1)
+
+
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _max_by_token_chunk(packed, w, starts, best, chunk: int) -> None:

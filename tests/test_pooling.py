@@ -107,6 +107,40 @@ def test_vocabulary_tiles_and_token_chunks_find_the_same_maxima(kind, dtype, mon
         _assert_close(best.float()[real], expected[real], rtol=tol)
 
 
+@pytest.mark.parametrize("kind", ["none", "right", "left", "empty-row"])
+@pytest.mark.parametrize("block", [3, 512])
+def test_bf16_positive_max_on_int16_keys_equals_the_float_max(kind, block, monkeypatch):
+    # The bf16 CPU path compares bit patterns as int16 against a floor of +0.0; the reference takes the float max of
+    # the same bf16 logits (bias included, as the path computes them) and clamps it at zero.
+    from spladectl import pooling
+
+    monkeypatch.setattr(pooling, "CPU_TOKEN_BLOCK", block)
+    mask = _mask(kind)
+    hidden, weight, bias, _ = (t.detach().to(torch.bfloat16) for t in _inputs(seed=4))
+    packed = hidden.reshape(B * T, H)[mask.reshape(-1).bool()]
+    starts = [0, *mask.sum(1).cumsum(0).tolist()]
+    logits = torch.nn.functional.linear(packed, weight, bias).float()
+    expected = torch.zeros(B, V)
+    for b in range(B):
+        if starts[b + 1] > starts[b]:
+            expected[b] = logits[starts[b] : starts[b + 1]].max(0).values.clamp_min(0)
+    assert 0.05 < (expected > 0).float().mean() < 0.95  # positive and negative maxima both occur
+    best = torch.zeros(B, V, dtype=torch.bfloat16)
+    pooling._positive_max_by_vocabulary_tile(*pooling._with_bias_column(packed, weight, bias), starts, best, 7)
+    assert torch.equal(best.float(), expected)
+
+
+def test_bf16_head_lets_a_nan_through():
+    # x86's default NaN has its sign bit set: as an int16 key it would lose to zero and vanish. The head checks its
+    # inputs and takes the float path, where the NaN reaches the loss and --on-nan sees it.
+    hidden, weight, bias, _ = (t.detach() for t in _inputs(seed=5))
+    hidden[2, 3, 0] = float("nan")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = efficient_splade_pool(hidden, weight, bias, _mask("none"))
+    assert out[2].isnan().all()
+    assert torch.isfinite(out[[0, 1, 3]]).all()
+
+
 def test_efficient_head_gradcheck_fp64():
     hidden, weight, bias, _ = _inputs(seed=3, dtype=torch.float64)
     mask = _mask("right")

@@ -1,0 +1,100 @@
+"""Dropout for training on CPU, a fraction of the cost of torch's, with the same distribution.
+
+On CPU, torch draws dropout masks with `bernoulli_`, one random number per element, then multiplies twice; for a
+2-layer encoder at 256 tokens that made dropout the largest element-wise cost of a training step, most of it on the
+attention probabilities (B × heads × T × T), which also keep SDPA on its unfused math path. Here one 64-bit random
+draw gives four 16-bit keys, each dropping its element with probability p rounded to a multiple of 1/65536, and the
+mask and the 1/(1 - p) scale are applied in one pass that autograd saves as a bool mask.
+
+Measured on 10.5 M elements (attention probabilities of 80 texts of 256 tokens, 2 heads), 2 threads, Xeon with AMX,
+2026-12-03: float32 102 ms for `F.dropout` against 40 ms; bf16 74 ms against 28 ms.
+
+Only CPU training is affected: accelerators have fused dropout kernels, and evaluation has no dropout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+ATTENTION = "spladectl_cpu_dropout"
+_KEYS = 1 << 16  # 16-bit keys: p is rounded to a multiple of 1/65536
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A bool tensor of `shape`, each element False with probability round(p · 65536) / 65536, from torch's
+    default generator (so seeds and checkpointed RNG states govern it like any other draw)."""
+    n = 1
+    for size in shape:
+        n *= size
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    threshold = -(_KEYS // 2) + round(p * _KEYS)
+    return (bits.view(torch.int16)[:n] >= threshold).view(shape)
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """`torch.nn.functional.dropout(x, p, training)`, cheaper on CPU (elsewhere it is that function)."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return nn.functional.dropout(x, p, training)
+    return x * (keep_mask(x.shape, p, x.device).to(x.dtype) * (1.0 / (1.0 - p)))
+
+
+class CpuDropout(nn.Dropout):
+    """nn.Dropout that uses `fast_dropout`; swapped in for the model's own dropout layers while it trains on CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace:
+            return super().forward(x)
+        return fast_dropout(x, self.p, self.training)
+
+
+def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+              **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, but with `fast_dropout` on the attention probabilities while training on CPU.
+
+    Without dropout (evaluation, p = 0) or off CPU it is SDPA itself; with dropout SDPA runs its unfused math path
+    on CPU anyway, which this repeats with the cheaper mask. Cases this does not write out (grouped key/value heads,
+    causal or position-biased attention) also go to SDPA.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    plain = (dropout == 0.0 or query.device.type != "cpu" or key.shape[1] != query.shape[1]
+             or kwargs.get("position_bias") is not None or kwargs.get("is_causal")
+             or getattr(module, "is_causal", False))
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    probs = fast_dropout(torch.softmax(scores, dim=-1), dropout)
+    output = torch.matmul(probs.to(value.dtype), value)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def use_cpu_dropout(model: nn.Module) -> bool:
+    """Give a transformers model `fast_dropout` in its dropout layers and, where it uses SDPA, in its attention.
+    Returns whether the attention could be switched. Checkpoints are unaffected: dropout layers hold no weights, and
+    transformers does not write the attention implementation into config.json."""
+    for layer in model.modules():
+        if type(layer) is nn.Dropout:
+            layer.__class__ = CpuDropout
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ATTENTION)
+    return True
