@@ -53,7 +53,16 @@ class MicroBatch:
         return out
 
     def to(self, device: torch.device) -> "MicroBatch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        # Asynchronous only from pinned memory (see pin_memory); from pageable memory it is an ordinary copy.
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "MicroBatch":
+        """The same batch in page-locked memory, so that `to("cuda")` overlaps the copy with the GPU's work. The
+        DataLoader calls it (in its pinning thread, or in the prefetch thread) when the run trains on a CUDA GPU."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn) -> "MicroBatch":
+        move = lambda t: None if t is None else fn(t)  # noqa: E731
         return MicroBatch(
             move(self.query_ids), move(self.query_mask), move(self.doc_ids), move(self.doc_mask),
             move(self.teacher_scores), self.size, move(self.query_keys), move(self.doc_keys),
@@ -219,18 +228,19 @@ class Prefetcher:
 
 def micro_batches(
     examples: list[Example], collator: Collator, *, batch_size: int, seed: int, epoch: int, start: int = 0,
-    workers: int = 0, world_size: int = 1, rank: int = 0, prefetch: bool = True,
+    workers: int = 0, world_size: int = 1, rank: int = 0, prefetch: bool = True, pin_memory: bool = False,
 ):
     """Iterate this process's micro-batches of the epoch from position `start` (micro-batches already consumed).
 
-    With workers=0 and prefetch, a Prefetcher thread tokenizes ahead; call close() on the result when abandoning it."""
+    With workers=0 and prefetch, a Prefetcher thread tokenizes ahead; call close() on the result when abandoning it.
+    `pin_memory` (for a CUDA device) hands out batches in page-locked memory, pinned off the training thread."""
     order = rank_order(len(examples), batch_size, seed, epoch, world_size=world_size, rank=rank)[start:]
     collator.epoch = epoch
     # Its own generator: creating a DataLoader iterator draws a seed, and drawing it from the global RNG would shift
     # the dropout stream depending on where in an epoch a run was resumed.
     loader = DataLoader(
         _Indexed(examples, order), batch_size=None, shuffle=False, collate_fn=collator, num_workers=workers,
-        persistent_workers=False, prefetch_factor=4 if workers else None,
+        persistent_workers=False, prefetch_factor=4 if workers else None, pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed + epoch),
     )
     if workers == 0 and prefetch:

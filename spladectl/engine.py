@@ -273,7 +273,8 @@ class Trainer:
             if self._batches is None:
                 self._batches = micro_batches(self.examples, self.collator, batch_size=c.batch_size, seed=c.seed,
                                               epoch=s.epoch, start=s.position, workers=c.dataloader_workers,
-                                              world_size=self.world.world_size, rank=self.world.rank)
+                                              world_size=self.world.world_size, rank=self.world.rank,
+                                              pin_memory=self.device.type == "cuda")
             batch = next(self._batches, None)
             if batch is not None:
                 s.position += 1

@@ -144,3 +144,37 @@ def test_without_workers_batches_are_tokenized_in_a_prefetch_thread_with_the_sam
     assert len(pairs) == 4
     for a, b in pairs:
         assert torch.equal(a.query_ids, b.query_ids) and torch.equal(a.doc_ids, b.doc_ids)
+
+
+def test_batches_for_a_cuda_run_come_pinned_off_the_training_thread(tokenizer, monkeypatch):
+    # This machine has no GPU, and page-locked memory needs a CUDA driver: the accelerator check and the pinning
+    # itself are stand-ins (a pinned tensor is a clone remembered with the thread that pinned it). The DataLoader's
+    # pinning logic, our MicroBatch.pin_memory and the prefetch thread are the real ones. (With DataLoader workers,
+    # torch's own pinning thread does the same; it needs a real device index, so it is not exercised here.)
+    import threading
+
+    pinned: dict[int, str] = {}
+
+    def fake_pin(tensor):
+        copy = tensor.clone()
+        pinned[id(copy)] = threading.current_thread().name
+        return copy
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    examples = [Example(query=f"q{i}", positive=f"p{i}", negatives=[f"n{i}"], teacher_scores=[1.0, 0.5])
+                for i in range(6)]
+    collator = Collator(tokenizer, n_negatives=1, max_query_length=8, max_doc_length=8, seed=1)
+    batches = list(micro_batches(examples, collator, batch_size=3, seed=1, epoch=0, pin_memory=True))
+    plain = list(micro_batches(examples, collator, batch_size=3, seed=1, epoch=0, prefetch=False))
+    assert len(batches) == 2
+    for batch, reference in zip(batches, plain):
+        tensors = [batch.query_ids, batch.query_mask, batch.doc_ids, batch.doc_mask, batch.teacher_scores,
+                   batch.query_keys, batch.doc_keys]
+        assert all(id(t) in pinned for t in tensors)
+        assert all(pinned[id(t)] != threading.main_thread().name for t in tensors)
+        assert torch.equal(batch.doc_ids, reference.doc_ids) and torch.equal(batch.teacher_scores,
+                                                                             reference.teacher_scores)
+    unpinned = micro_batches(examples, collator, batch_size=3, seed=1, epoch=0)
+    assert not any(id(t) in pinned for t in [next(iter(unpinned)).query_ids])
