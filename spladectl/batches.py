@@ -16,6 +16,7 @@ import hashlib
 import queue
 import random
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -130,7 +131,7 @@ class Collator:
 
 
 class _Indexed(Dataset):
-    def __init__(self, examples: list[Example], order: list[list[int]]):
+    def __init__(self, examples: Sequence[Example], order: Sequence[list[int]]):
         self.examples = examples
         self.order = order
 
@@ -141,15 +142,59 @@ class _Indexed(Dataset):
         return [(j, self.examples[j]) for j in self.order[i]]
 
 
-def epoch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The micro-batches of one epoch as lists of example indices; a shorter last batch is kept, not dropped."""
+class BatchOrder(Sequence):
+    """One process's micro-batches of an epoch, as lists of example indices built when asked for.
+
+    Only the epoch's permutation is held (a tensor, 8 bytes an example): a list of lists of Python ints took about
+    ten times that, which for tens of millions of prepared examples was gigabytes.
+    """
+
+    def __init__(self, perm: torch.Tensor, batch_size: int, *, world_size: int = 1, rank: int = 0, start: int = 0):
+        self.perm, self.batch_size, self.world_size, self.rank = perm, batch_size, world_size, rank
+        self.start = start
+        self._global = batch_size * world_size
+        self._batches = -(-len(perm) // self._global)
+
+    def __len__(self) -> int:
+        return max(0, self._batches - self.start)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            if index.step in (None, 1) and index.stop is None:
+                first = self.start + min(len(self), index.indices(len(self))[0])
+                return BatchOrder(self.perm, self.batch_size, world_size=self.world_size, rank=self.rank,
+                                  start=first)
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        b = self.start + index
+        batch = self.perm[b * self._global : (b + 1) * self._global].tolist()
+        if self.world_size == 1:
+            return batch
+        # A last global micro-batch that does not split evenly is topped up with the epoch's first examples.
+        n = len(self.perm)
+        batch += [int(self.perm[i % n]) for i in range(-len(batch) % self.world_size)]
+        size = len(batch) // self.world_size
+        return batch[self.rank * size : (self.rank + 1) * size]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (BatchOrder, list)) and list(self) == list(other)
+
+
+def _permutation(n_examples: int, seed: int, epoch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(n_examples, generator=generator).tolist()
-    return [perm[i : i + batch_size] for i in range(0, n_examples, batch_size)]
+    return torch.randperm(n_examples, generator=generator)
+
+
+def epoch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> BatchOrder:
+    """The micro-batches of one epoch as lists of example indices; a shorter last batch is kept, not dropped."""
+    return BatchOrder(_permutation(n_examples, seed, epoch), batch_size)
 
 
 def rank_order(n_examples: int, batch_size: int, seed: int, epoch: int, *, world_size: int = 1,
-               rank: int = 0) -> list[list[int]]:
+               rank: int = 0) -> BatchOrder:
     """This process's micro-batches of one epoch (`batch_size` examples each, per process).
 
     The epoch's global micro-batches hold batch_size × world_size examples; process `rank` takes the rank-th equal,
@@ -157,17 +202,7 @@ def rank_order(n_examples: int, batch_size: int, seed: int, epoch: int, *, world
     first examples (fewer than world_size of them), because every process must contribute the same number of
     representations to the gathers of the loss.
     """
-    order = epoch_order(n_examples, batch_size * world_size, seed, epoch)
-    if world_size == 1:
-        return order
-    first = [i for batch in order for i in batch]
-    shards = []
-    for batch in order:
-        short = -len(batch) % world_size
-        batch = batch + [first[i % len(first)] for i in range(short)]
-        size = len(batch) // world_size
-        shards.append(batch[rank * size : (rank + 1) * size])
-    return shards
+    return BatchOrder(_permutation(n_examples, seed, epoch), batch_size, world_size=world_size, rank=rank)
 
 
 class Prefetcher:

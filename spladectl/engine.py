@@ -26,7 +26,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from spladectl import checkpoint as ckpt
 from spladectl import collapse, distributed
 from spladectl.batches import Collator, MicroBatch, micro_batches, micro_batches_per_epoch
 from spladectl.config import TrainConfig
-from spladectl.data import Example
+from spladectl.data import Example, prepared
 from spladectl.data.cache import recover_staged, staged_directory, write_atomically
 from spladectl.distributed import World
 from spladectl.errors import CollapseError, NonFiniteError, SpladectlError
@@ -130,7 +130,7 @@ class Trainer:
     started (`distributed.start`). Only rank 0 logs, shows progress and writes files.
     """
 
-    def __init__(self, config: TrainConfig, examples: list[Example], *, pm, log: Callable[[str], None] = print,
+    def __init__(self, config: TrainConfig, examples: Sequence[Example], *, pm, log: Callable[[str], None] = print,
                  eval_fn: Callable[[SpladeEncoder], dict[str, float]] | None = None, progress: bool = True,
                  world: World | None = None):
         if not examples:
@@ -168,7 +168,7 @@ class Trainer:
             # Every process starts from the same weights (DDP also broadcasts rank 0's); dropout draws its own masks.
             seed_everything(config.seed + 7919 * self.world.rank)
         model.max_query_length, model.max_doc_length = config.max_query_length, config.max_doc_length
-        min_negatives = min(len(e.negatives) for e in examples)
+        min_negatives = prepared.min_negatives(examples)
         if config.n_negatives > min_negatives:
             # The documents tensor must be rectangular; cycling a single negative would only repeat it.
             self.log(f"note: using {min_negatives} hard negative(s) per example (the data has no more for some rows)")
@@ -187,7 +187,7 @@ class Trainer:
         if self.world.distributed:
             self.encoder = distributed.wrap_model(self.encoder, self.device)
         # Teacher scores are gathered only when every example has them, so that all processes agree to gather.
-        self._gather_teacher = all(e.teacher_scores is not None for e in examples)
+        self._gather_teacher = prepared.all_have_teacher_scores(examples)
         self.state.optimizer = pm.hook.make_optimizer(model=model, state=self.state)
         self.state.scheduler = pm.hook.make_lr_scheduler(optimizer=self.state.optimizer, total_steps=total,
                                                          state=self.state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
@@ -158,6 +159,40 @@ def validate_command(
         scores = ", teacher scores" if stats["teacher_scores"] else ""
         typer.echo(f"OK {path}: {stats['format']}, {stats['examples']} examples, {stats['queries']} queries, "
                    f"{stats['avg_negatives_per_example']:g} negatives per example{scores}")
+
+
+@data_app.command("prepare")
+def prepare_command(
+    source: Path = typer.Argument(..., help="A .jsonl, seed .json or .tsv training file (optionally .gz)."),
+    out: Path = typer.Argument(..., help="The directory to write: examples.arrow and prepared.json."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="A progress bar on stderr."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Convert training data once into a memory-mapped Arrow file, for data too large to read into memory.
+
+    Every row is checked as `spladectl data validate` checks it (the first problem is reported with file:line, exit 2,
+    and OUT is not written). `spladectl train --data OUT` then starts at once and reads rows as micro-batches need
+    them. TSV triples: adjacent lines with the same query and positive become one example (see docs/data.md).
+    """
+    from tqdm import tqdm
+
+    from spladectl.data import detect_format
+    from spladectl.data.prepared import prepare
+
+    if out.exists() and not overwrite:
+        raise SpladectlError(f"{out} exists", hint="add --overwrite to replace it")
+    started = time.perf_counter()
+    fmt = detect_format(source)
+    with tqdm(desc=f"preparing {source.name}", unit=" rows", disable=not progress, file=sys.stderr) as bar:
+        manifest = prepare(source, out, fmt=fmt, progress=lambda rows: bar.update(rows - bar.n))
+    manifest = {"out": str(out), **manifest, "seconds": round(time.perf_counter() - started, 2)}
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2))
+    else:
+        scores = ", teacher scores" if manifest["teacher_scores"] else ""
+        typer.echo(f"prepared {manifest['rows']} examples ({manifest['min_negatives']}–{manifest['max_negatives']} "
+                   f"negatives{scores}) from {source} into {out} in {manifest['seconds']:.1f} s")
 
 
 @data_app.command("stats")

@@ -66,21 +66,24 @@ def read_tsv_triples(path: str | Path) -> list[Example]:
     for number, line in iter_lines(path):
         if not line.strip():
             continue
-        at = where(path, number)
-        fields = line.split("\t")
-        if len(fields) < 3:
-            raise DataError(
-                f"{at}: expected 3 tab-separated columns (query, positive, negative), found {len(fields)}"
-            )
-        for column, (name, value) in enumerate(zip(_tsv_column_names(len(fields)), fields), start=1):
-            if not value.strip():
-                raise DataError(f"{at}: column {column} ({name}) is empty")
-        query, positive, *negatives = (f.strip() for f in fields)
-        example = grouped.setdefault((query, positive), Example(query, positive, [], None, at))
-        example.negatives.extend(negatives)
+        row = _tsv_example(line, where(path, number))
+        example = grouped.setdefault((row.query, row.positive), Example(row.query, row.positive, [], None, row.source))
+        example.negatives.extend(row.negatives)
     if not grouped:  # as for JSON and JSONL: an empty file is a mistake, not a run with nothing to train on
         raise DataError(f"{path}: no examples")
     return list(grouped.values())
+
+
+def _tsv_example(line: str, at: str) -> Example:
+    """One `query<TAB>positive<TAB>negative...` line, checked."""
+    fields = line.split("\t")
+    if len(fields) < 3:
+        raise DataError(f"{at}: expected 3 tab-separated columns (query, positive, negative), found {len(fields)}")
+    for column, (name, value) in enumerate(zip(_tsv_column_names(len(fields)), fields), start=1):
+        if not value.strip():
+            raise DataError(f"{at}: column {column} ({name}) is empty")
+    query, positive, *negatives = (f.strip() for f in fields)
+    return Example(query, positive, list(negatives), None, at)
 
 
 def _tsv_column_names(n: int) -> list[str]:

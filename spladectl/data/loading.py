@@ -3,27 +3,32 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from spladectl.data.beir import BeirDataset, is_beir_dir, load_beir
 from spladectl.data.examples import Example, read_jsonl, read_seed_json, read_tsv_triples, select_negatives
 from spladectl.data.mining import cached_hard_negatives
+from spladectl.data.prepared import PreparedExamples, is_prepared
 from spladectl.errors import DataError
 
-FORMATS = ("beir", "json", "jsonl", "tsv")
+FORMATS = ("beir", "json", "jsonl", "tsv", "prepared")
 _SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".tsv": "tsv"}
 DEFAULT_MINE_K = 50
 
 
 def detect_format(path: str | Path) -> str:
-    """'beir' for a directory with corpus.jsonl, else from the suffix (.json/.jsonl/.tsv, optionally .gz), else from
+    """'prepared' for a directory written by `spladectl data prepare`, 'beir' for one with corpus.jsonl, else from the suffix (.json/.jsonl/.tsv, optionally .gz), else from
     the first character: '[' seed JSON, '{' JSONL, a tab on the first line TSV."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
     if path.is_dir():
+        if is_prepared(path):
+            return "prepared"
         if is_beir_dir(path):
             return "beir"
-        raise DataError(f"{path}: a directory, but not a BEIR one (corpus.jsonl, queries.jsonl, qrels/ expected)")
+        raise DataError(f"{path}: a directory, but neither a BEIR one (corpus.jsonl, queries.jsonl, qrels/ expected) "
+                        "nor one written by `spladectl data prepare`")
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] == ".gz":
         suffixes.pop()
@@ -41,8 +46,9 @@ def load_training_data(
     show_progress: bool = True,
     mine_k: int = DEFAULT_MINE_K,
     stem: bool | None = None,
-) -> list[Example]:
-    """Training examples from seed JSON, JSONL, TSV triples or a BEIR directory.
+) -> Sequence[Example]:
+    """Training examples from seed JSON, JSONL, TSV triples, a BEIR directory or a prepared directory (a sequence
+    read on demand; see spladectl.data.prepared).
 
     - n_negatives: negatives per example (see select_negatives: a query's pairs get different ones, short lists
       cycle); None keeps every negative the data gives.
@@ -52,6 +58,9 @@ def load_training_data(
     Any malformed row is a DataError naming its file and line.
     """
     fmt = detect_format(path)
+    if fmt == "prepared":
+        examples = PreparedExamples(path)  # memory-mapped: nothing is read until a micro-batch needs it
+        return examples if n_negatives is None else select_negatives(list(examples), n_negatives)
     if fmt == "beir":
         dataset = load_beir(path, split)
         negatives = cached_hard_negatives(path, split, mine_k, cache_dir=cache_dir, stem=stem,
