@@ -162,7 +162,8 @@ def test_cli_mine_with_model_then_score_then_train(cli, toy_beir: Path, tmp_path
                  "--n-negatives", "2", "--precision", "32-true", "--max-doc-length", "64", "--distillation", "kl")
     assert result.exit_code == 0, result.output
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(m["kl"] > 0 for m in metrics)
+    # KL is ≥ 0 up to rounding: once student and teacher agree (a few 1e-9 below zero happens), it is not positive.
+    assert all(m["kl"] > -1e-6 for m in metrics) and any(m["kl"] > 1e-6 for m in metrics), metrics
 
 
 def test_cli_score_user_errors(cli, toy_beir: Path, tmp_path: Path) -> None:
