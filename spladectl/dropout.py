@@ -15,6 +15,7 @@ Only CPU training is affected: accelerators have fused dropout kernels, and eval
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -31,9 +32,7 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu") -
 
 
 def _drop_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    n = 1
-    for size in shape:
-        n *= size
+    n = math.prod(shape)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
     threshold = -(_KEYS // 2) + round(p * _KEYS)
     return (bits.view(torch.int16)[:n] < threshold).view(shape)

@@ -94,7 +94,7 @@ class SpladeMaxHead(torch.autograd.Function):
     """relu(max over real tokens t of hidden[b, t] @ weight.T + bias) → (B, V) float32, tile by tile of the vocabulary.
 
     The relu is part of the function because only positive maxima matter downstream, which lets the bf16 path on CPU
-    find them without float comparisons (see _positive_max_by_vocabulary_tile). Saved for backward: the inputs
+    find them without float comparisons (see _positive_max_bf16). Saved for backward: the inputs
     (already alive: they are the encoder's activation and the parameters), the positions of the real tokens and which
     maxima are positive. The argmax is not stored: the backward only needs it where the max is positive — a few
     hundred terms per example — and recomputes it there for a small fraction of the forward's cost.
@@ -110,19 +110,17 @@ class SpladeMaxHead(torch.autograd.Function):
         positions = mask.reshape(-1).nonzero().squeeze(1)
         lengths = mask.sum(1).tolist()
         packed = hidden.reshape(B * T, H).index_select(0, positions).to(dtype)
-        w = weight.to(dtype)
         starts = [0]
         for n in lengths:
             starts.append(starts[-1] + n)
 
         out_dtype = _output_dtype(weight.dtype)
         on_cpu = hidden.device.type == "cpu"
-        if on_cpu and dtype == torch.bfloat16 and _all_finite(packed, w, bias):
-            rows, w_bias = _with_bias_column(packed, w, bias.to(dtype))
-            best = torch.zeros(B, V, dtype=dtype, device=hidden.device)  # max(0, ·): +0.0 is the int16 key 0
-            _positive_max_by_vocabulary_tile(rows, w_bias, starts, best, chunk_size or DEFAULT_VOCAB_TILE)
-            out = best.to(out_dtype)
-        else:
+        out = None
+        if on_cpu and dtype == torch.bfloat16:
+            out = _positive_max_bf16(packed, weight, bias, starts, chunk_size or DEFAULT_VOCAB_TILE)
+        if out is None:
+            w = weight.to(dtype)
             best = torch.full((B, V), float("-inf"), dtype=dtype, device=hidden.device)
             if on_cpu:
                 _max_by_vocabulary_tile(packed, w, starts, best, chunk_size or DEFAULT_VOCAB_TILE)
@@ -130,6 +128,7 @@ class SpladeMaxHead(torch.autograd.Function):
                 _max_by_token_chunk(packed, w, starts, best, chunk_size or DEFAULT_GPU_CHUNK_SIZE)
             # The bias is per term, so it commutes with the max over tokens: add it to B×V values, not B×T×V.
             out = torch.relu(best.to(out_dtype) + bias.to(out_dtype))
+        out = out.to(out_dtype)
 
         ctx.save_for_backward(hidden, weight, positions, out > 0)
         ctx.lengths = lengths
@@ -203,41 +202,42 @@ def _token_blocks(packed, starts, pad_to: int = 1) -> list:
 _LOW_PRECISION_ROWS = 32
 
 
-def _max_by_vocabulary_tile(packed, w, starts, best, tile: int) -> None:
+def _max_by_vocabulary_tile(packed, w, starts, best, tile: int, compare_as: torch.dtype | None = None) -> None:
     # Tile-major: a (tile, H) slice of the projection stays in cache while the tokens pass through it in blocks, and
     # each (block, tile) product is reduced right after the matmul that wrote it, while it is still in cache. One
     # text at a time (a few hundred rows) left the GEMM at ~170 GFLOPS where 512-row blocks reach ~190 (2-core Xeon,
-    # fp32, measured 2026-12-03).
+    # fp32, measured 2026-12-03). `compare_as` reads `best` and the products as another dtype of the same width
+    # before taking maxima (int16 keys: see _positive_max_bf16).
     low_precision = w.dtype in (torch.bfloat16, torch.float16)
     blocks = _token_blocks(packed, starts, _LOW_PRECISION_ROWS if low_precision else 1)
+    compare_as = compare_as or best.dtype
+    keys = best.view(compare_as)
     for v0 in range(0, w.shape[0], tile):
         w_tile = w[v0 : v0 + tile]
         for rows, segments in blocks:
-            logits = torch.nn.functional.linear(rows, w_tile)  # (block, tile)
+            logits = torch.nn.functional.linear(rows, w_tile).view(compare_as)  # (block, tile)
             for b, s0, s1 in segments:
-                target = best[b, v0 : v0 + tile]
+                target = keys[b, v0 : v0 + tile]
                 torch.maximum(target, logits[s0:s1].amax(0), out=target)
 
 
-def _positive_max_by_vocabulary_tile(packed, w, starts, best, tile: int) -> None:
-    """bf16 on CPU: best (B, V) bf16, zeros on entry, becomes max(0, max over each text's tokens of packed @ w.T).
+def _positive_max_bf16(packed, weight, bias, starts, tile: int) -> torch.Tensor | None:
+    """bf16 on CPU: max(0, max over each text's tokens of packed @ weight.T + bias) as (B, V) bf16, or None when an
+    operand is not finite (the caller then takes the float path).
 
     A bf16 max over tokens ran at a sixth of the speed of an int16 one (Xeon with AMX, 2026-12-03), and with AMX it
     cost as much as the matmul before it. Non-negative bf16 values order like their bit patterns read as int16, and
     every negative value reads as a negative int16; so against a floor of +0.0 (the int16 0) the int16 max of the bits
-    is the bits of the float max. Only finite inputs take this path: a NaN with its sign bit set (x86's default NaN)
-    would read as a negative number and vanish. The max must include the bias to be compared with zero, so the
-    caller folds it into the operands (_with_bias_column).
+    is the bits of the float max. A NaN with its sign bit set (x86's default NaN) would read as a negative number and
+    vanish, hence the finiteness check. The max must include the bias to be compared with zero, so the bias rides in
+    the matmul as an operand column (_with_bias_column).
     """
-    keys = best.view(torch.int16)
-    blocks = _token_blocks(packed, starts, _LOW_PRECISION_ROWS)
-    for v0 in range(0, w.shape[0], tile):
-        w_tile = w[v0 : v0 + tile]
-        for rows, segments in blocks:
-            logits = torch.nn.functional.linear(rows, w_tile).view(torch.int16)  # (block, tile)
-            for b, s0, s1 in segments:
-                target = keys[b, v0 : v0 + tile]
-                torch.maximum(target, logits[s0:s1].amax(0), out=target)
+    rows, w_bias = _with_bias_column(packed, weight, bias, torch.bfloat16)
+    if not (bool(torch.isfinite(rows).all()) and bool(torch.isfinite(w_bias).all())):
+        return None
+    best = torch.zeros(len(starts) - 1, weight.shape[0], dtype=torch.bfloat16, device=packed.device)  # +0.0: key 0
+    _max_by_vocabulary_tile(rows, w_bias, starts, best, tile, compare_as=torch.int16)
+    return best
 
 
 # Columns appended to the head's operands to carry the bias: a 1 (or the bias) and zeros up to a multiple of 32,
@@ -246,17 +246,16 @@ def _positive_max_by_vocabulary_tile(packed, w, starts, best, tile: int) -> None
 _BIAS_COLUMNS = 32
 
 
-def _with_bias_column(packed, w, bias):
-    """(rows | 1 0…0) and (w | bias 0…0): their product is packed @ w.T + bias, summed in the matmul's accumulator."""
-    ones = packed.new_zeros(packed.shape[0], _BIAS_COLUMNS)
-    ones[:, 0] = 1
-    column = w.new_zeros(w.shape[0], _BIAS_COLUMNS)
-    column[:, 0] = bias
-    return torch.cat([packed, ones], 1), torch.cat([w, column], 1)
-
-
-def _all_finite(*tensors: torch.Tensor) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+def _with_bias_column(packed, weight, bias, dtype):
+    """(rows | 1 0…0) and (weight | bias 0…0) in `dtype`: their product is packed @ weight.T + bias, summed in the
+    matmul's accumulator. Each operand is written once, cast on the way in."""
+    rows = packed.new_zeros(packed.shape[0], packed.shape[1] + _BIAS_COLUMNS, dtype=dtype)
+    rows[:, : packed.shape[1]] = packed
+    rows[:, packed.shape[1]] = 1
+    w_bias = weight.new_zeros(weight.shape[0], weight.shape[1] + _BIAS_COLUMNS, dtype=dtype)
+    w_bias[:, : weight.shape[1]] = weight
+    w_bias[:, weight.shape[1]] = bias
+    return rows, w_bias
 
 
 def _max_by_token_chunk(packed, w, starts, best, chunk: int) -> None:

@@ -125,8 +125,8 @@ def test_bf16_positive_max_on_int16_keys_equals_the_float_max(kind, block, monke
         if starts[b + 1] > starts[b]:
             expected[b] = logits[starts[b] : starts[b + 1]].max(0).values.clamp_min(0)
     assert 0.05 < (expected > 0).float().mean() < 0.95  # positive and negative maxima both occur
-    best = torch.zeros(B, V, dtype=torch.bfloat16)
-    pooling._positive_max_by_vocabulary_tile(*pooling._with_bias_column(packed, weight, bias), starts, best, 7)
+    best = pooling._positive_max_bf16(packed, weight, bias, starts, 7)
+    assert best.dtype == torch.bfloat16
     assert torch.equal(best.float(), expected)
 
 

@@ -132,16 +132,22 @@ def _check_scores_consistent(examples: Iterable[Example], path: str | Path) -> l
     """Teacher scores on some rows but not others would make distillation silently skip rows: refuse it."""
     out: list[Example] = []
     for example in examples:
-        if out and (example.teacher_scores is None) != (out[0].teacher_scores is None):
-            has, lacks = (example, out[0]) if example.teacher_scores is not None else (out[0], example)
-            raise DataError(
-                f"{example.source}: teacher scores on some rows only ({has.source} has them, {lacks.source} does not);"
-                " give them on every row or on none"
-            )
+        if out:
+            require_same_scoring(example, out[0])
         out.append(example)
     if not out:
         raise DataError(f"{path}: no examples")
     return out
+
+
+def require_same_scoring(example: Example, first: Example) -> None:
+    """A DataError unless `example` has teacher scores exactly when the file's first row has them."""
+    if (example.teacher_scores is None) != (first.teacher_scores is None):
+        has, lacks = (example, first) if example.teacher_scores is not None else (first, example)
+        raise DataError(
+            f"{example.source}: teacher scores on some rows only ({has.source} has them, {lacks.source} does not);"
+            " give them on every row or on none"
+        )
 
 
 def select_negatives(examples: list[Example], n_negatives: int | None) -> list[Example]:

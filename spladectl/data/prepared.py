@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from spladectl.data._io import iter_json_array, iter_jsonl, iter_lines, where
-from spladectl.data.examples import Example, _example, _tsv_example
+from spladectl.data.examples import Example, _example, _tsv_example, require_same_scoring
 from spladectl.errors import DataError, SpladectlError
 
 MANIFEST = "prepared.json"
@@ -86,10 +86,7 @@ def prepare(source: str | Path, out: str | Path, *, fmt: str,
             for example in stream_examples(source, fmt):
                 if first is None:
                     first = example
-                elif (example.teacher_scores is None) != (first.teacher_scores is None):
-                    has, lacks = (example, first) if example.teacher_scores is not None else (first, example)
-                    raise DataError(f"{example.source}: teacher scores on some rows only ({has.source} has them, "
-                                    f"{lacks.source} does not); give them on every row or on none")
+                require_same_scoring(example, first)
                 batch.append(example)
                 rows += 1
                 n = len(example.negatives)
