@@ -74,6 +74,9 @@ class TrainState:
     last_metrics: dict[str, Any] = field(default_factory=dict)
     best_metric: float | None = None
     best_step: int | None = None  # the step of the model in OUTPUT/best
+    # Set by a plugin's on_evaluate (a tuner's pruner) to end training after this evaluation, as early stopping does;
+    # the text says why and is logged.
+    stop_requested: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)  # room for plugins to keep per-run state
 
     @property
@@ -533,6 +536,9 @@ class Trainer:
                             if stop:
                                 self.log(f"early stopping at step {s.step}: no {c.eval_metric} gain in "
                                          f"{c.early_stopping_patience} evaluations")
+                        if s.stop_requested and not stop:
+                            stop = True
+                            self.log(f"stopping at step {s.step}: {s.stop_requested}")
                     if self.world.distributed:
                         stop = distributed.broadcast_object(stop)
                     if stop:
@@ -560,7 +566,8 @@ class Trainer:
         return {"status": "finished", "steps": s.step, "skipped_steps": s.skipped_steps, "final": str(final),
                 "best": self.best_model(), "collapsed": self.collapse.describe() if self.detector.collapsed else None,
                 "collapse_events": list(self.collapse_events), "last_metrics": s.last_metrics,
-                "evaluation": evaluation, "final_metrics": final_metrics, "summary": [], "train_seconds": seconds}
+                "evaluation": evaluation, "final_metrics": final_metrics, "summary": [], "train_seconds": seconds,
+                "stopped": s.stop_requested}
 
     def _evaluate(self) -> bool:
         """Evaluate during training (--eval-every); True when the model is the best so far (saved to OUTPUT/best)."""

@@ -14,6 +14,7 @@ from spladectl.errors import SpladectlError
 COMMAND_MODULES = (
     "spladectl.cli.train",
     "spladectl.cli.sweep",
+    "spladectl.cli.tune",
     "spladectl.cli.runs",
     "spladectl.cli.eval",
     "spladectl.cli.search",

@@ -15,6 +15,7 @@ import typer
 
 from spladectl.cli import output
 from spladectl.errors import SpladectlError
+from spladectl.runs.record import STALE, STATUSES
 
 runs_app = typer.Typer(
     name="runs",
@@ -25,7 +26,7 @@ runs_app = typer.Typer(
 RootOption = Annotated[Path, typer.Option("--runs-root", envvar="SPLADECTL_RUNS_ROOT",
                                           help="Where the runs are (default ./runs).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
-STATUS_CHOICES = ("running", "finished", "failed", "interrupted", "stale")
+STATUS_CHOICES = (*STATUSES, STALE)
 
 
 def register(app: typer.Typer) -> None:
@@ -35,7 +36,7 @@ def register(app: typer.Typer) -> None:
 
 @runs_app.command("list")
 def list_runs(
-    status: Annotated[list[str], typer.Option("--status", help="Only runs with this status (repeatable): running, finished, failed, interrupted, stale.")] = [],  # noqa: B006
+    status: Annotated[list[str], typer.Option("--status", help="Only runs with this status (repeatable): running, finished, failed, interrupted, pruned, stale.")] = [],  # noqa: B006
     profile: Annotated[Optional[str], typer.Option("--profile", help="Only runs with this hardware profile.")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="Only runs in this precision (aliases work: bf16, fp16).")] = None,
     tag: Annotated[list[str], typer.Option("--tag", help="Only runs with this tag (repeatable: all of them).")] = [],  # noqa: B006
@@ -101,6 +102,9 @@ def show(
         typer.echo(json.dumps({**_as_json(record), "config": config}, indent=2, default=str))
         return
     where = f" (sweep {record.sweep}, point {record.point})" if record.sweep else ""
+    if record.trial:  # a tuning trial's run: its study, number and how the study judged it
+        where = (f" (study {record.trial.get('study')}, trial {record.trial.get('number')}, "
+                 f"{record.trial.get('pruned') or record.trial.get('state')})")
     lines = [f"run {record.id}: {record.effective_status()}{where}", f"  dir        {record.dir}",
              f"  started    {record.started}   ended {record.ended or '-'}   duration {output.duration(record.duration_s)}"
              + (f" (training {output.duration(record.train_seconds)})" if record.train_seconds else "")]

@@ -36,13 +36,12 @@ def sweep(
     (the exit status is 1 if any point failed). The summary goes to RUNS_ROOT/<sweep>/summary.json and the plot to
     compare.png there.
     """
-    from spladectl.cli.train import report, train_command
+    from spladectl.cli.train import train_command
     from spladectl.distributed import World
     from spladectl.runs import experiment as experiments
     from spladectl.runs import options
     from spladectl.runs import sweep as sweeps
-    from spladectl.request import TrainRequest
-    from spladectl.runs.training import RunTarget, run_training
+    from spladectl.runs.training import RunTarget
 
     world = World.from_env()
     if world.distributed:
@@ -54,6 +53,9 @@ def sweep(
     log = (lambda msg: typer.echo(msg, err=True)) if as_json else typer.echo
     command = train_command()
     exp = experiments.load_experiment(experiment, command)
+    if exp.search and not exp.varies:
+        raise SpladectlError(f"{experiment}: [search] holds ranges for `spladectl tune`; a sweep runs [grid] and "
+                             "[[points]]", hint=f"spladectl tune {experiment}")
     mine = experiments.shard(exp.points, shard)
     base_dir = sweeps.sweep_dir(exp, runs_root)
     if dry_run:
@@ -74,15 +76,9 @@ def sweep(
         + f" in {base_dir}")
 
     def run_point(point, run_dir: Path) -> None:
-        argv = [*options.argv_for(command, point.settings), "--runs-root", str(runs_root),
-                "--progress" if progress else "--no-progress"]
-        ctx = command.make_context("train", argv)  # the CLI's own parsing and checks, as if typed
-        with ctx:
-            target = RunTarget(dir=run_dir, id=f"{exp.name}/{point.name}", sweep=exp.name, point=point.name,
-                               settings=point.settings, experiment=experiment)
-            request = TrainRequest.from_options(ctx.params, given=options.explicit(ctx),
-                                                command_line=options.command_line(command, point.settings))
-            report(run_training(request, target=target, log=log), log, as_json=False)
+        target = RunTarget(dir=run_dir, id=f"{exp.name}/{point.name}", sweep=exp.name, point=point.name,
+                           settings=point.settings, experiment=experiment)
+        train_as_typed(command, point.settings, target, runs_root=runs_root, progress=progress, log=log)
 
     interrupted = False
     try:
@@ -101,6 +97,23 @@ def sweep(
         raise typer.Exit(130)
     if any(o.status == "failed" for o in outcomes):
         raise typer.Exit(1)
+
+
+def train_as_typed(command, settings: dict, target, *, runs_root: Path, progress: bool, log) -> None:
+    """Train a sweep point's or a tuning trial's settings through the train command's own parsing and checks, as if
+    typed, as the run `target`; raises when the training fails."""
+    from spladectl.cli.train import report
+    from spladectl.request import TrainRequest
+    from spladectl.runs import options
+    from spladectl.runs.training import run_training
+
+    argv = [*options.argv_for(command, settings), "--runs-root", str(runs_root),
+            "--progress" if progress else "--no-progress"]
+    ctx = command.make_context("train", argv)
+    with ctx:
+        request = TrainRequest.from_options(ctx.params, given=options.explicit(ctx),
+                                            command_line=options.command_line(command, settings))
+        report(run_training(request, target=target, log=log), log, as_json=False)
 
 
 def _plot(exp, summary, runs_root: Path, plot: Path | None, log) -> str | None:

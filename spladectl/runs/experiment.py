@@ -30,9 +30,10 @@ from typing import Any
 from spladectl.errors import SpladectlError
 from spladectl.launch import LAUNCH_OPTIONS
 from spladectl.runs.options import option_names, text
+from spladectl.runs.search_space import Dimension, parse_search
 from spladectl.runs.store import slug
 
-TOP_LEVEL = ("name", "description", "metric", "base", "grid", "points")
+TOP_LEVEL = ("name", "description", "metric", "base", "grid", "points", "search")
 # A sweep trains its points one after another in its own process: a point cannot start processes of its own.
 _NOT_DISTRIBUTED = ("a sweep trains its points one after another in its own single process; train a distributed point "
                     "with `spladectl train --nproc-per-node N` and the point's options (`spladectl sweep --dry-run` "
@@ -62,6 +63,8 @@ class Experiment:
     points: list[Point]
     metric: str | None = None
     description: str | None = None
+    search: list[Dimension] = field(default_factory=list)  # [search]: what `spladectl tune` samples
+    varies: bool = False  # the file has a [grid] or [[points]] (what `spladectl sweep` runs)
 
 
 def load_experiment(path: str | Path, command) -> Experiment:
@@ -112,11 +115,16 @@ def load_experiment(path: str | Path, command) -> Experiment:
             raise SpladectlError(f"{where}: two points are both named {point.name!r}",
                                  hint="give [[points]] distinct settings or a `name`")
         seen[point.name] = i
+    search = parse_search(_options(_table(data, "search", where), names, f"{where}: [search]"), f"{where}: [search]")
+    both = [d.name for d in search if d.name in base]
+    if both:
+        raise SpladectlError(f"{where}: {', '.join(both)} in both [base] and [search]; keep one",
+                             hint="[search] gives the range a tuner samples; [base] fixes a value")
     metric = data.get("metric")
     if metric is not None and not isinstance(metric, str):
         raise SpladectlError(f"{where}: metric: expected a metric name such as \"nDCG@10\" or \"loss\"")
     return Experiment(name=name, path=path, base=base, points=points, metric=metric,
-                      description=data.get("description"))
+                      description=data.get("description"), search=search, varies=bool(grid or listed))
 
 
 def _table(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from spladectl.errors import SpladectlError
 from spladectl.runs.lock import is_held
 
 RUN_FILE = "run.json"
-STATUSES = ("running", "finished", "failed", "interrupted")
+# "pruned": a tuning trial that `spladectl tune` stopped early (its model is complete, at the step it was stopped).
+STATUSES = ("running", "finished", "failed", "interrupted", "pruned")
 # Not written by anyone: a run whose run.json says "running" but whose process, on this host, is gone (killed,
 # out of memory, power loss). Reported by readers so that such runs do not look alive forever.
 STALE = "stale"
@@ -42,6 +43,7 @@ class RunRecord:
     tags: list[str] = field(default_factory=list)
     sweep: str | None = None
     point: str | None = None
+    trial: dict[str, Any] | None = None  # a tuning trial's run: {"study", "number", "state", "pruned"} (runs/tuning.py)
     from_run: str | None = None  # the run this one was re-launched from (`train --from-run`)
     resumes: int = 0  # times `--resume` continued this run in its directory
     options: dict[str, Any] = field(default_factory=dict)  # the train options given explicitly (or a sweep point's)

@@ -74,14 +74,14 @@ def run_points(experiment: Experiment, points: list[Point], root: Path, *,
         try:
             run_point(point, run_dir)
         except KeyboardInterrupt:
-            _settle(run_dir, "interrupted", "interrupted (Ctrl-C)")
+            settle(run_dir, "interrupted", "interrupted (Ctrl-C)")
             outcomes.append(PointOutcome(point.name, "interrupted"))
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of one point is that point's, the sweep goes on
             from spladectl.runs.lifecycle import describe_error
 
             error = describe_error(exc)
-            _settle(run_dir, "failed", error)
+            settle(run_dir, "failed", error)
             log(f"{label}: failed: {error.splitlines()[0]}")
             outcomes.append(PointOutcome(point.name, "failed", error))
             continue
@@ -117,7 +117,7 @@ def _claim(run_dir: Path, experiment: Experiment, point: Point, root: Path) -> b
     return True
 
 
-def _settle(run_dir: Path, status: str, error: str) -> None:
+def settle(run_dir: Path, status: str, error: str) -> None:
     """A point that failed before its run began (an option click refused, an unknown tracker) still says why."""
     record = _record(run_dir)
     if record is not None and record.status == "running":

@@ -53,6 +53,7 @@ class TrainResult:
     heldout_before: dict[str, Any] | None = None  # the held-out quality before training (with a held-out set)
     heldout_after: dict[str, Any] | None = None
     heldout_model: str | None = None
+    stopped: str | None = None  # why training ended early at a plugin's request (a tuner pruned it)
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -64,7 +65,8 @@ class TrainResult:
 
 @dataclass
 class RunTarget:
-    """Where a sweep point runs: its directory and id, its sweep and point, and the settings it was given."""
+    """Where a sweep point or a tuning trial runs: its directory and id, its sweep (or study) and point, and the
+    settings it was given."""
 
     dir: Path
     id: str
@@ -72,6 +74,7 @@ class RunTarget:
     point: str
     settings: dict[str, Any]
     experiment: Path | None = None
+    trial: dict[str, Any] | None = None  # a tuning trial's link to its study (runs/tuning.py)
 
 
 def run_training(request: TrainRequest, *, target: RunTarget | None = None,
@@ -186,7 +189,8 @@ def _plan(request: TrainRequest, root: Path, target: RunTarget | None, source) -
 
     resume = request.resume
     if target is not None:
-        return RunRecord(id=target.id, dir=str(target.dir.resolve()), sweep=target.sweep, point=target.point), None
+        return RunRecord(id=target.id, dir=str(target.dir.resolve()), sweep=target.sweep, point=target.point,
+                         trial=target.trial), None
     if request.output_dir is not None:
         run_dir = Path(request.output_dir)
     elif resume:
