@@ -201,7 +201,54 @@ def test_the_documented_experiment_file_loads(tmp_path, command):
     from pathlib import Path
 
     docs = (Path(__file__).resolve().parent.parent / "docs" / "orchestration.md").read_text()
-    (block,) = re.findall(r"```toml\n(.*?)```", docs, flags=re.S)
-    exp = load_experiment(write(tmp_path, block, "lambda-grid.toml"), command)
+    grid, search = re.findall(r"```toml\n(.*?)```", docs, flags=re.S)
+    exp = load_experiment(write(tmp_path, grid, "lambda-grid.toml"), command)
     assert (exp.name, exp.metric, len(exp.points)) == ("lambda-grid", "nDCG@10", 7)
     assert exp.points[1].name == "lambda_q=0.0001,precision=bf16-mixed" and exp.points[-1].name == "long-warm-up"
+    exp = load_experiment(write(tmp_path, search, "lr-search.toml"), command)
+    assert (exp.name, exp.varies) == ("lr-search", False)
+    assert {d.name: d.describe() for d in exp.search} == {
+        "lr": "float in [1e-06, 0.001], log scale", "lambda_d": "float in [1e-05, 0.01], log scale",
+        "n_negatives": "integer in [1, 4]", "batch_size": "integer in [8, 32], step 8",
+        "precision": "one of 32-true, bf16-mixed"}
+
+
+def test_a_claim_in_progress_is_not_taken_for_a_dead_attempt(tmp_path, command, monkeypatch):
+    """Two sweep processes reach one point: A has created its directory but not yet written run.json when B looks.
+    B must wait for A's claim (the claims lock), not take the empty directory for a dead attempt and move it aside.
+    Threads stand in for the processes; the pause is injected into A's writing of run.json."""
+    import threading
+    import time
+
+    from spladectl.runs.sweep import run_points
+
+    exp = load_experiment(write(tmp_path, EXPERIMENT), command)
+    root, point = tmp_path / "runs", exp.points[0]
+    a_writing, a_may_finish = threading.Event(), threading.Event()
+    save = RunRecord.save
+
+    def slow_save(self):
+        if threading.current_thread().name == "A" and not a_writing.is_set():
+            a_writing.set()
+            a_may_finish.wait(10)
+        save(self)
+
+    monkeypatch.setattr(RunRecord, "save", slow_save)
+    trained: list[str] = []
+    outcomes = {}
+
+    def sweep(name):
+        outcomes[name] = run_points(exp, [point], root, run_point=lambda p, d: trained.append(name),
+                                    log=lambda _: None)
+
+    a = threading.Thread(target=sweep, args=("A",), name="A")
+    a.start()
+    assert a_writing.wait(10)
+    b = threading.Thread(target=sweep, args=("B",), name="B")
+    b.start()
+    time.sleep(0.3)  # B reaches the point while A is half-way through claiming it
+    a_may_finish.set()
+    a.join(10), b.join(10)
+    assert trained == ["A"]
+    assert outcomes["B"][0].status == "taken"
+    assert load_record(root / exp.name / point.name).pid is not None

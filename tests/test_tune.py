@@ -242,3 +242,21 @@ def test_a_killed_workers_trial_is_marked_failed_and_run_again(tmp_path, materia
     # the killed run says so in the registry; the retry is a run of its own
     assert load_record(tmp_path / "runs" / "kill" / "trial-0000").effective_status() == "stale"
     assert load_record(tmp_path / "runs" / "kill" / "trial-0001").status == "finished"
+
+
+def test_three_sweep_processes_on_one_runs_root_run_each_point_once(tmp_path, material):
+    """The shared-runs-root claim of `spladectl sweep --resume`, kept beside the database because it needs nothing
+    installed: three processes started together, six points, each trained once."""
+    path = tmp_path / "grid.toml"
+    path.write_text('name = "grid"\n' + BASE.format(data=material["data"], steps=1, evaluation="")
+                    + "\n[grid]\nlr = [1e-5, 2e-5, 3e-5, 4e-5, 5e-5, 6e-5]\n")
+    args = ("sweep", str(path), "--resume", "--runs-root", str(tmp_path / "runs"), "--no-plot", "--no-progress")
+    workers = [spladectl(*args, cwd=tmp_path) for _ in range(3)]
+    results = [w.communicate(timeout=600) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0, 0], [err[-2000:] for _, err in results]
+    started = [line.split("] ")[1].split(":")[0] for out, _ in results for line in out.splitlines()
+               if line.startswith("[") and line.endswith(": starting")]
+    assert sorted(started) == sorted(f"lr={v}" for v in ("1e-05", "2e-05", "3e-05", "4e-05", "5e-05", "6e-05"))
+    for point in started:
+        record = load_record(tmp_path / "runs" / "grid" / point)
+        assert record.status == "finished" and record.steps == 1 and record.resumes == 0

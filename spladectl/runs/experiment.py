@@ -16,6 +16,7 @@
     flops_warmup_steps = 150
 
 Point names are deterministic (`lambda_q=0.0001,precision=32-true`), so `--resume` recognises finished points.
+`spladectl tune` reads the same files with a `[search]` table of ranges instead of a grid (runs/search_space.py).
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,19 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created if missing) for the duration: a short critical section that
+    processes sharing a directory take in turn (a sweep's claims). Without fcntl (Windows), no lock."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # blocking: the holder is done within milliseconds
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def read_owner(path: Path) -> dict[str, Any] | None:

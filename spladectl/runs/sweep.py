@@ -1,8 +1,10 @@
 """Running an experiment's points one after another, recording each, and ranking them at the end.
 
-A point is claimed by creating its run directory (an atomic mkdir) and writing a "running" run.json into it at
-once, so several `spladectl sweep --resume` processes sharing a runs root (several GPUs, or machines on a shared
-filesystem) never run the same point twice; `--shard i/n` splits the points statically instead.
+A point is claimed by creating its run directory and writing a "running" run.json into it, under an exclusive flock
+on RUNS_ROOT/<sweep>/.claims.lock, so several `spladectl sweep --resume` processes sharing a runs root (several GPUs,
+or machines on a filesystem with flock) never run the same point twice: without the lock, a process could take a
+directory another had just created, before its run.json was written, for a dead attempt and move it aside.
+`--shard i/n` splits the points statically instead.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from typing import Any, Callable
 
 from spladectl.errors import SpladectlError
 from spladectl.runs.experiment import Experiment, Point
+from spladectl.runs.lock import exclusive
 from spladectl.runs.record import RUN_FILE, STALE, RunRecord, load_record, now
 from spladectl.runs.summary import lower_is_better, metric_value
 
 SUMMARY_FILE = "summary.json"
+CLAIMS_LOCK = ".claims.lock"
 PLOT_FILE = "compare.png"
 
 
@@ -65,7 +69,8 @@ def run_points(experiment: Experiment, points: list[Point], root: Path, *,
     for i, point in enumerate(points, 1):
         run_dir = base / point.name
         label = f"[{i}/{len(points)}] {point.name}"
-        claimed = _claim(run_dir, experiment, point, root)
+        with exclusive(base / CLAIMS_LOCK):  # one claim at a time: read, move aside, create, record
+            claimed = _claim(run_dir, experiment, point, root)
         if claimed is not True:
             log(f"{label}: {claimed}")
             outcomes.append(PointOutcome(point.name, "done" if claimed.startswith("finished") else "taken"))
