@@ -1,9 +1,9 @@
 """`spladectl tune` with and without pruning, each study shared by several workers on one SQLite database.
 
-    python benchmarks/tune.py                                   # 16 trials, 2 workers, the demo data, splade-tiny
+    python benchmarks/tune.py                                   # 16 trials, 2 workers, seeds 1 and 2, the demo
     python benchmarks/tune.py --trials 24 --workers 3 --steps 40 --json
 
-Both studies search the same space (learning rate, FLOPS weights, negatives) with TPE from the same seed, on the
+Each pair of studies searches the same space (learning rate, FLOPS weights, negatives) with TPE from one seed, on the
 built-in demo (240 training triples, 60 held-out queries), evaluating every --eval-every steps. One prunes with the
 median pruner, one does not. The script checks what a shared study must guarantee — every trial number once, one run
 directory per trial, each run linked to its trial — and reports, per study, the optimizer steps all trials took,
@@ -51,11 +51,11 @@ seed = 1
     return path
 
 
-def run_study(work: Path, name: str, args, pruner: str) -> dict:
+def run_study(work: Path, name: str, args, pruner: str, seed: int) -> dict:
     path = experiment(work / f"{name}.toml", name, args.steps, args.eval_every)
     storage = f"sqlite:///{work / 'tune.db'}"
     command = [sys.executable, "-m", "spladectl", "tune", str(path), "--trials", str(args.trials), "--storage",
-               storage, "--pruner", pruner, "--startup-trials", str(args.startup_trials), "--seed", str(args.seed),
+               storage, "--pruner", pruner, "--startup-trials", str(args.startup_trials), "--seed", str(seed),
                "--runs-root", str(work / "runs"), "--no-progress"]
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "COLUMNS": "200"}
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps of a trial that is not pruned")
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--startup-trials", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="one pair of studies per sampler seed")
     parser.add_argument("--work", type=Path, default=None, help="where studies and runs go (default: a new temp dir)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -114,23 +114,27 @@ def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="spladectl-tune-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    rows = [run_study(work, "unpruned", args, "none"), run_study(work, "pruned", args, "median")]
-    saving = 1 - rows[1]["steps"] / rows[0]["steps"]
+    rows = []
+    for seed in args.seeds:
+        rows += [{"seed": seed, **run_study(work, f"unpruned-{seed}", args, "none", seed)},
+                 {"seed": seed, **run_study(work, f"pruned-{seed}", args, "median", seed)}]
+    unpruned, pruned = rows[0::2], rows[1::2]
+    saving = 1 - sum(r["steps"] for r in pruned) / sum(r["steps"] for r in unpruned)
+    differences = [p["best_nDCG@10"] - u["best_nDCG@10"] for u, p in zip(unpruned, pruned)]
     result = {"settings": {k: str(v) for k, v in vars(args).items()}, "work": str(work), "studies": rows,
-              "steps_saved": round(saving, 3),
-              "best_difference": round(rows[1]["best_nDCG@10"] - rows[0]["best_nDCG@10"], 4)}
+              "steps_saved": round(saving, 3), "best_differences": [round(d, 4) for d in differences]}
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"{args.trials} trials, {args.workers} workers, {args.steps} steps each, evaluation every "
-          f"{args.eval_every}, TPE seed {args.seed}; runs in {work}")
+          f"{args.eval_every}, TPE seeds {args.seeds}; runs in {work}")
     print("| study | trials | complete | pruned | failed | optimizer steps | best nDCG@10 (trial) | wall s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['study']} | {r['trials']} | {r['complete']} | {r['pruned']} | {r['failed']} | {r['steps']} | "
               f"{r['best_nDCG@10']:.4f} ({r['best_trial']}) | {r['seconds']} |")
-    print(f"pruning saved {saving:.0%} of the steps; best nDCG@10 {result['best_difference']:+.4f} against the "
-          "unpruned search")
+    print(f"pruning saved {saving:.0%} of the steps; best nDCG@10, pruned minus unpruned, per seed: "
+          + ", ".join(f"{d:+.4f}" for d in differences))
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ class _Indexed(Dataset):
 class BatchOrder(Sequence):
     """One process's micro-batches of an epoch, as lists of example indices built when asked for.
 
-    Only the epoch's permutation is held (a tensor, 8 bytes an example): a list of lists of Python ints took about
+    Only the epoch's permutation is held (a tensor, 4 bytes an example): a list of lists of Python ints took about
     ten times that, which for tens of millions of prepared examples was gigabytes.
     """
 
@@ -185,7 +185,9 @@ class BatchOrder(Sequence):
 
 def _permutation(n_examples: int, seed: int, epoch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n_examples, generator=generator)
+    # int32 halves the order's memory (40 MB for 10M examples) and draws the very permutation int64 does.
+    dtype = torch.int32 if n_examples < 2**31 else torch.int64
+    return torch.randperm(n_examples, generator=generator, dtype=dtype)
 
 
 def epoch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> BatchOrder:

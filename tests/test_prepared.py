@@ -11,7 +11,7 @@ import torch
 
 from spladectl import plugin_loading
 from spladectl.data import load_training_data, read_jsonl, read_tsv_triples
-from spladectl.data.prepared import MANIFEST, TABLE, PreparedExamples, prepare
+from spladectl.data.prepared import MANIFEST, PreparedExamples, prepare
 from spladectl.engine import Trainer
 from spladectl.errors import DataError
 import tiny
@@ -97,9 +97,9 @@ def test_a_bad_row_names_its_line_and_nothing_is_written(tmp_path):
 
 def test_a_damaged_prepared_directory_is_refused(tmp_path):
     prepare(tiny.write_jsonl(tmp_path / "train.jsonl"), tmp_path / "prepared", fmt="jsonl")
-    table = tmp_path / "prepared" / TABLE
+    table = tmp_path / "prepared" / "part-00000.arrow"
     table.write_bytes(table.read_bytes()[: table.stat().st_size // 2])
-    with pytest.raises(DataError, match=r"examples\.arrow: unreadable"):
+    with pytest.raises(DataError, match=r"part-00000\.arrow: unreadable"):
         load_training_data(tmp_path / "prepared")
     (tmp_path / "prepared" / MANIFEST).write_text("{}")
     with pytest.raises(DataError, match="not a prepared-examples manifest"):
@@ -120,3 +120,51 @@ def test_cli_prepares_refuses_an_existing_output_and_trains_on_it(tmp_path, cli)
                   "32-true", "--no-progress")
     assert trained.exit_code == 0, trained.output
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "tsv"])
+def test_an_interrupted_preparation_continues_after_its_last_whole_part(tmp_path, monkeypatch, fmt):
+    from spladectl.data import prepared
+
+    if fmt == "jsonl":
+        source = scored_jsonl(tmp_path / "train.jsonl")
+    else:  # grouped lines: a part must end between examples, never inside one
+        source = tmp_path / "train.tsv"
+        source.write_text("".join(f"q{i // 2}\tp{i // 2}\tn{i}\n" for i in range(16)))
+    monkeypatch.setattr(prepared, "PART_ROWS", 3)
+    whole = prepare(source, tmp_path / "whole", fmt=fmt)
+    assert len(whole["parts"]) == 3 and whole["rows"] == 8
+
+    write_part = prepared._write_part
+    calls = []
+
+    def killed_on_the_second_part(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a kill between two parts leaves it
+        write_part(*args, **kwargs)
+
+    monkeypatch.setattr(prepared, "_write_part", killed_on_the_second_part)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(source, tmp_path / "out", fmt=fmt)
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.preparing" / "part-00000.arrow").is_file()
+    monkeypatch.setattr(prepared, "_write_part", write_part)
+    starts = []
+    stream = prepared.stream_examples
+    monkeypatch.setattr(prepared, "stream_examples", lambda path, f, start=1: starts.append(start) or stream(path, f, start))
+    said = []
+    manifest = prepare(source, tmp_path / "out", fmt=fmt, log=said.append)
+    assert starts[0] > 1 and "continuing: 3 rows in 1 part(s)" in said[0]  # it did not read the first part again
+    assert list(PreparedExamples(tmp_path / "out")) == list(PreparedExamples(tmp_path / "whole"))
+    assert manifest["rows"] == 8 and not (tmp_path / ".out.preparing").exists()
+    # the source changed since: start over
+    source.write_text(source.read_text() + source.read_text().splitlines(keepends=True)[0])
+    monkeypatch.setattr(prepared, "_write_part", killed_on_the_second_part)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        prepare(source, tmp_path / "again", fmt=fmt)
+    source.write_text(source.read_text() + "\n")
+    monkeypatch.setattr(prepared, "_write_part", write_part)
+    starts.clear()
+    prepare(source, tmp_path / "again", fmt=fmt)
+    assert starts == [1]

@@ -164,7 +164,7 @@ def validate_command(
 @data_app.command("prepare")
 def prepare_command(
     source: Path = typer.Argument(..., help="A .jsonl, seed .json or .tsv training file (optionally .gz)."),
-    out: Path = typer.Argument(..., help="The directory to write: examples.arrow and prepared.json."),
+    out: Path = typer.Argument(..., help="The directory to write: part-NNNNN.arrow files and prepared.json."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="A progress bar on stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
@@ -174,6 +174,7 @@ def prepare_command(
     Every row is checked as `spladectl data validate` checks it (the first problem is reported with file:line, exit 2,
     and OUT is not written). `spladectl train --data OUT` then starts at once and reads rows as micro-batches need
     them. TSV triples: adjacent lines with the same query and positive become one example (see docs/data.md).
+    Stopped (Ctrl-C, a kill), the same command continues after the last whole part of a million rows.
     """
     from tqdm import tqdm
 
@@ -185,7 +186,8 @@ def prepare_command(
     started = time.perf_counter()
     fmt = detect_format(source)
     with tqdm(desc=f"preparing {source.name}", unit=" rows", disable=not progress, file=sys.stderr) as bar:
-        manifest = prepare(source, out, fmt=fmt, progress=lambda rows: bar.update(rows - bar.n))
+        manifest = prepare(source, out, fmt=fmt, progress=lambda rows: bar.update(rows - bar.n),
+                           log=lambda message: bar.write(message, file=sys.stderr))
     manifest = {"out": str(out), **manifest, "seconds": round(time.perf_counter() - started, 2)}
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))

@@ -29,7 +29,7 @@ def train(
     ctx: typer.Context,
     profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Hardware profile name or TOML path (default: detected for this machine)."),
     model: str = typer.Option("splade-tiny", "--model", "-m", help="Masked-LM checkpoint: hub name, local path, or splade-tiny (offline)."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Training data: seed JSON/JSONL, TSV triples or a BEIR directory (default: the built-in demo)."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Training data: seed JSON/JSONL, TSV triples, a BEIR directory, a `data prepare` directory or a cached Hugging Face dataset name org/name (default: the built-in demo)."),
     split: str = typer.Option("train", "--split", help="qrels split to train on when --data is a BEIR directory."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="The run directory (default: RUNS_ROOT/<run id>): checkpoints, metrics.jsonl, config.toml, final/, run.json."),
     runs_root: Path = typer.Option(Path("runs"), "--runs-root", envvar="SPLADECTL_RUNS_ROOT", help="Where runs get their directories, and where --resume/--from-run look up run ids."),

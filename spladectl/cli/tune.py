@@ -25,6 +25,7 @@ def tune(
     sampler: Annotated[str, typer.Option("--sampler", help=f"How trials are sampled: {', '.join(SAMPLERS)}.")] = "tpe",
     pruner: Annotated[str, typer.Option("--pruner", help=f"What stops poor trials at an in-training evaluation: {', '.join(PRUNERS)} (median needs eval-data and eval-every in \\[base]).")] = "median",
     startup_trials: Annotated[int, typer.Option("--startup-trials", help="Trials sampled at random and never pruned before TPE and the median pruner start judging.")] = 5,
+    prune_from: Annotated[Optional[int], typer.Option("--prune-from", help="The first step at which a trial may be pruned (default: its second in-training evaluation, 2 x eval-every).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the sampler (a study shared by several workers is not reproducible whatever the seed).")] = None,
     heartbeat: Annotated[int, typer.Option("--heartbeat", help="Seconds between a worker's signs of life; a trial silent for twice this is taken for dead: marked failed and queued again. Use the same value in every worker.")] = DEFAULT_HEARTBEAT,
     max_failures: Annotated[int, typer.Option("--max-failures", help="Stop this worker after this many failed trials in a row (exit 1).")] = 3,
@@ -53,7 +54,7 @@ def tune(
                              hint="start `spladectl tune` once per GPU or machine: the workers share the study")
     log = (lambda msg: typer.echo(msg, err=True)) if as_json else typer.echo
     settings = tuning.TuneSettings(storage=storage, study=study, trials=trials, sampler=sampler, pruner=pruner,
-                                   startup_trials=startup_trials, seed=seed, heartbeat=heartbeat,
+                                   startup_trials=startup_trials, prune_from=prune_from, seed=seed, heartbeat=heartbeat,
                                    max_failures=max_failures)
     command = train_command()
     exp = experiments.load_experiment(experiment, command)

@@ -28,11 +28,13 @@ def open_text(path: str | Path) -> IO[str]:
         raise DataError(f"{path}: cannot open ({exc.strerror or exc})") from exc
 
 
-def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its newline) for every line, blank ones included."""
+def iter_lines(path: str | Path, start: int = 1) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line without its newline) for every line from line `start`, blank ones included."""
     with open_text(path) as handle:
         try:
             for number, line in enumerate(handle, start=1):
+                if number < start:
+                    continue
                 yield number, line.rstrip("\r\n")
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
@@ -47,9 +49,10 @@ def _invalid_json(exc: ValueError | RecursionError) -> str:
     return f"invalid JSON ({str(exc).split(':')[0]})"
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; anything but a JSON object is an error at its line."""
-    for number, line in iter_lines(path):
+def iter_jsonl(path: str | Path, start: int = 1) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line from line `start`; anything but a JSON object is an error at
+    its line."""
+    for number, line in iter_lines(path, start):
         if not line.strip():
             continue  # a blank line carries no row, so nothing is skipped by passing over it
         try:

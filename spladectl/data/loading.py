@@ -11,14 +11,19 @@ from spladectl.data.mining import cached_hard_negatives
 from spladectl.data.prepared import PreparedExamples, is_prepared
 from spladectl.errors import DataError
 
-FORMATS = ("beir", "json", "jsonl", "tsv", "prepared")
+FORMATS = ("beir", "json", "jsonl", "tsv", "prepared", "hub")
 _SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".tsv": "tsv"}
 DEFAULT_MINE_K = 50
 
 
 def detect_format(path: str | Path) -> str:
-    """'prepared' for a directory written by `spladectl data prepare`, 'beir' for one with corpus.jsonl, else from the suffix (.json/.jsonl/.tsv, optionally .gz), else from
-    the first character: '[' seed JSON, '{' JSONL, a tab on the first line TSV."""
+    """'hub' for `org/name` that is no path (a cached Hugging Face dataset), 'prepared' for a directory written by
+    `spladectl data prepare`, 'beir' for one with corpus.jsonl, else from the suffix (.json/.jsonl/.tsv, optionally
+    .gz), else from the first character: '[' seed JSON, '{' JSONL, a tab on the first line TSV."""
+    from spladectl.data.hub import looks_like_hub_name
+
+    if looks_like_hub_name(str(path)):
+        return "hub"
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
@@ -48,7 +53,8 @@ def load_training_data(
     stem: bool | None = None,
 ) -> Sequence[Example]:
     """Training examples from seed JSON, JSONL, TSV triples, a BEIR directory or a prepared directory (a sequence
-    read on demand; see spladectl.data.prepared).
+    read on demand; see spladectl.data.prepared). JSONL and TSV files over indexed.INDEX_BYTES are read a row at a
+    time when used (spladectl.data.indexed).
 
     - n_negatives: negatives per example (see select_negatives: a query's pairs get different ones, short lists
       cycle); None keeps every negative the data gives.
@@ -58,6 +64,11 @@ def load_training_data(
     Any malformed row is a DataError naming its file and line.
     """
     fmt = detect_format(path)
+    if fmt == "hub":
+        from spladectl.data.hub import HubExamples
+
+        examples = HubExamples(str(path), split)  # memory-mapped by `datasets`, rows built when used
+        return examples if n_negatives is None else select_negatives(list(examples), n_negatives)
     if fmt == "prepared":
         examples = PreparedExamples(path)  # memory-mapped: nothing is read until a micro-batch needs it
         return examples if n_negatives is None else select_negatives(list(examples), n_negatives)
@@ -66,9 +77,29 @@ def load_training_data(
         negatives = cached_hard_negatives(path, split, mine_k, cache_dir=cache_dir, stem=stem,
                                           show_progress=show_progress, dataset=dataset)
         examples = beir_examples(dataset, negatives)
+    elif fmt in ("jsonl", "tsv") and _read_by_offset(Path(path)):
+        examples = _indexed(Path(path), fmt, show_progress)  # rows read when used: memory does not grow with the file
+        return examples if n_negatives is None else select_negatives(list(examples), n_negatives)
     else:
         examples = {"json": read_seed_json, "jsonl": read_jsonl, "tsv": read_tsv_triples}[fmt](path)
     return select_negatives(examples, n_negatives)
+
+
+def _read_by_offset(path: Path) -> bool:
+    """Large uncompressed JSONL and TSV files are read a row at a time (spladectl.data.indexed); others whole."""
+    from spladectl.data import indexed
+
+    return path.suffix.lower() != ".gz" and path.stat().st_size > indexed.INDEX_BYTES
+
+
+def _indexed(path: Path, fmt: str, show_progress: bool):
+    from tqdm.auto import tqdm
+
+    from spladectl.data.indexed import IndexedExamples
+
+    with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"indexing the rows of {path.name}",
+              disable=not show_progress, leave=False) as bar:
+        return IndexedExamples(path, fmt, progress=lambda done: bar.update(done - bar.n))
 
 
 def beir_examples(dataset: BeirDataset, negatives: dict[str, list[str]]) -> list[Example]:

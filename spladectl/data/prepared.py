@@ -2,9 +2,9 @@
 and holds only the rows it is using.
 
 `spladectl data prepare IN OUT` reads IN (JSONL, seed JSON or TSV triples) one row at a time, checks every row as the
-readers do, and writes OUT/examples.arrow (Arrow IPC, record batches of ROWS_PER_BATCH rows) and OUT/prepared.json
-(rows, fewest negatives, whether teacher scores are present, the source). OUT is written in a staging directory and
-renamed, so it is whole or absent. `--data OUT` then trains on it: PreparedExamples maps the file and builds an
+readers do, and writes OUT/part-NNNNN.arrow (Arrow IPC files of PART_ROWS rows, in record batches of ROWS_PER_BATCH)
+and OUT/prepared.json (rows, parts, fewest negatives, whether teacher scores are present, the source). OUT is built in
+`.OUT.preparing/` and renamed, so it is whole or absent; a killed preparation continues from its last whole part. `--data OUT` then trains on it: PreparedExamples maps the files and builds an
 Example only when a micro-batch asks for it; the page cache, not the process, holds what was read.
 
 TSV triples: lines with the same query and positive are grouped into one example when they are adjacent (reading a
@@ -15,18 +15,30 @@ two columns to group them all.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from spladectl.data._io import iter_json_array, iter_jsonl, iter_lines, where
+from spladectl.data.cache import write_atomically
 from spladectl.data.examples import Example, _example, _tsv_example, require_same_scoring
 from spladectl.errors import DataError, SpladectlError
 
 MANIFEST = "prepared.json"
-TABLE = "examples.arrow"
+TABLE = "examples.arrow"  # version 1: one file; version 2 lists its parts in the manifest
+PROGRESS = "progress.json"
 FORMAT = "spladectl-prepared-examples"
-VERSION = 1
+VERSION = 2
 ROWS_PER_BATCH = 4096
+PART_ROWS = 1_000_000  # rows per part file: what a killed `data prepare` can lose
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([("query", pa.string()), ("positive", pa.string()), ("negatives", pa.list_(pa.string())),
+                      ("teacher_scores", pa.list_(pa.float64())), ("source", pa.string())])
 
 
 def is_prepared(path: str | Path) -> bool:
@@ -42,17 +54,18 @@ def _pyarrow():
     return pa
 
 
-def stream_examples(path: str | Path, fmt: str) -> Iterator[Example]:
-    """The examples of a JSONL, seed JSON or TSV file one at a time, checked as the readers check them."""
+def stream_examples(path: str | Path, fmt: str, start: int = 1) -> Iterator[Example]:
+    """The examples of a JSONL, seed JSON or TSV file one at a time, checked as the readers check them; JSONL and
+    TSV from line `start` (the first line of an example)."""
     if fmt == "jsonl":
-        for line, record in iter_jsonl(path):
+        for line, record in iter_jsonl(path, start):
             yield _example(record, where(path, line))
     elif fmt == "json":
         for line, record in iter_json_array(path):
             yield _example(record, where(path, line))
     elif fmt == "tsv":
         current: Example | None = None
-        for number, line in iter_lines(path):
+        for number, line in iter_lines(path, start):
             if not line.strip():
                 continue
             example = _tsv_example(line, where(path, number))
@@ -69,52 +82,110 @@ def stream_examples(path: str | Path, fmt: str) -> Iterator[Example]:
                         "(`spladectl data mine` turns a BEIR directory into JSONL)")
 
 
-def prepare(source: str | Path, out: str | Path, *, fmt: str,
-            progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Convert `source` into a prepared directory `out` (see the module's docstring); returns its manifest."""
-    from spladectl.data.cache import staged_directory
+def prepare(source: str | Path, out: str | Path, *, fmt: str, progress: Callable[[int], None] | None = None,
+            log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Convert `source` into a prepared directory `out` (see the module's docstring); returns its manifest.
 
+    The work goes into `.OUT.preparing/` beside OUT, a part of PART_ROWS rows at a time, each part whole on disk
+    before the record of progress names it. Run again on the same source (same size and modification time) after a
+    kill, it continues after the last whole part (JSONL and TSV; a seed JSON list starts over). OUT appears, by a
+    rename, only when every row is in.
+    """
     pa = _pyarrow()
     source, out = Path(source), Path(out)
-    schema = pa.schema([("query", pa.string()), ("positive", pa.string()), ("negatives", pa.list_(pa.string())),
-                        ("teacher_scores", pa.list_(pa.float64())), ("source", pa.string())])
-    rows, min_negatives, max_negatives, first = 0, None, 0, None
-    with staged_directory(out) as staging:
-        staging.mkdir(parents=True)
-        with pa.OSFile(str(staging / TABLE), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            batch: list[Example] = []
-            for example in stream_examples(source, fmt):
-                if first is None:
-                    first = example
-                require_same_scoring(example, first)
-                batch.append(example)
-                rows += 1
-                n = len(example.negatives)
-                min_negatives = n if min_negatives is None else min(min_negatives, n)
-                max_negatives = max(max_negatives, n)
-                if len(batch) == ROWS_PER_BATCH:
-                    writer.write_batch(_record_batch(pa, schema, batch))
-                    batch = []
-                    if progress:
-                        progress(rows)
-            if batch:
-                writer.write_batch(_record_batch(pa, schema, batch))
-        if first is None:
-            raise DataError(f"{source}: no examples")
-        stat = source.stat()
-        manifest = {"format": FORMAT, "version": VERSION, "rows": rows, "min_negatives": min_negatives,
-                    "max_negatives": max_negatives, "teacher_scores": first.teacher_scores is not None,
-                    "source": str(source.resolve()), "source_format": fmt, "source_bytes": stat.st_size}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    work = out.parent / f".{out.name}.preparing"
+    stat = source.stat()
+    signature = {"source": str(source.resolve()), "source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
+                 "source_format": fmt, "version": VERSION}
+    state = _progress_so_far(work, signature) if fmt in ("jsonl", "tsv") else None
+    if state is None:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        state = {**signature, "parts": [], "rows": 0, "next_line": 1, "min_negatives": None, "max_negatives": 0,
+                 "teacher_scores": None, "first_source": None}
+    elif log:
+        log(f"continuing: {state['rows']} rows in {len(state['parts'])} part(s) were prepared before it stopped")
+    first = None if state["first_source"] is None else Example(
+        "", "", [], [0.0] if state["teacher_scores"] else None, state["first_source"])
+    pending: list[Example] = []
+    try:
+        _fill(pa, work, state, first, pending, stream_examples(source, fmt, state["next_line"]), progress)
+    except DataError:
+        shutil.rmtree(work, ignore_errors=True)  # the source must change: nothing done so far would be reused
+        raise
+
+    if not state["rows"]:
+        shutil.rmtree(work, ignore_errors=True)
+        raise DataError(f"{source}: no examples")
+    manifest = {"format": FORMAT, "version": VERSION, "rows": state["rows"], "parts": state["parts"],
+                "min_negatives": state["min_negatives"], "max_negatives": state["max_negatives"],
+                "teacher_scores": state["teacher_scores"], "source": signature["source"], "source_format": fmt,
+                "source_bytes": stat.st_size}
+    write_atomically(work / MANIFEST, lambda fh: fh.write((json.dumps(manifest, indent=2) + "\n").encode()))
+    (work / PROGRESS).unlink()
+    aside = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(aside)
+    work.rename(out)
+    shutil.rmtree(aside, ignore_errors=True)
     if progress:
-        progress(rows)
+        progress(state["rows"])
     return manifest
 
 
-def _record_batch(pa, schema, examples: list[Example]):
+def _fill(pa, work: Path, state: dict[str, Any], first: Example | None, pending: list[Example],
+          examples: Iterator[Example], progress: Callable[[int], None] | None) -> None:
+    for example in examples:
+        if len(pending) >= PART_ROWS:  # a part ends where the next example begins, so a resume starts on a row
+            _write_part(pa, work, state, pending, next_line=_line_of(example))
+            pending.clear()
+        if first is None:
+            first = example
+            state["teacher_scores"], state["first_source"] = example.teacher_scores is not None, example.source
+        require_same_scoring(example, first)
+        pending.append(example)
+        n = len(example.negatives)
+        state["min_negatives"] = n if state["min_negatives"] is None else min(state["min_negatives"], n)
+        state["max_negatives"] = max(state["max_negatives"], n)
+        if progress and len(pending) % ROWS_PER_BATCH == 0:
+            progress(state["rows"] + len(pending))
+    if pending:
+        _write_part(pa, work, state, pending, next_line=None)
+
+
+def _progress_so_far(work: Path, signature: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of an interrupted preparation of the same source, with its parts on disk; else None."""
+    try:
+        state = json.loads((work / PROGRESS).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or any(state.get(k) != v for k, v in signature.items()) \
+            or state.get("next_line") is None or not all((work / part).is_file() for part in state.get("parts", [])):
+        return None
+    return state
+
+
+def _write_part(pa, work: Path, state: dict[str, Any], examples: list[Example], *, next_line: int | None) -> None:
+    name = f"part-{len(state['parts']):05d}.arrow"
+    tmp = work / f".{name}.partial"
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, _schema()) as writer:
+        for i in range(0, len(examples), ROWS_PER_BATCH):
+            writer.write_batch(_record_batch(pa, examples[i:i + ROWS_PER_BATCH]))
+    os.replace(tmp, work / name)
+    state["parts"].append(name)
+    state["rows"] += len(examples)
+    state["next_line"] = next_line
+    write_atomically(work / PROGRESS, lambda fh: fh.write(json.dumps(state).encode()))
+
+
+def _line_of(example: Example) -> int:
+    return int(example.source.rsplit(":", 1)[1])
+
+
+def _record_batch(pa, examples: list[Example]):
     return pa.record_batch([[e.query for e in examples], [e.positive for e in examples],
                             [e.negatives for e in examples], [e.teacher_scores for e in examples],
-                            [e.source for e in examples]], schema=schema)
+                            [e.source for e in examples]], schema=_schema())
 
 
 class PreparedExamples(Sequence[Example]):
@@ -126,18 +197,21 @@ class PreparedExamples(Sequence[Example]):
             manifest = json.loads((self.path / MANIFEST).read_text())
         except (OSError, ValueError) as exc:
             raise DataError(f"{self.path / MANIFEST}: unreadable ({exc})") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-            raise DataError(f"{self.path / MANIFEST}: not a prepared-examples manifest of version {VERSION}",
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") not in (1, 2):
+            raise DataError(f"{self.path / MANIFEST}: not a prepared-examples manifest (version 1 or 2)",
                             hint=f"prepare the data again with `spladectl data prepare SOURCE {self.path}`")
         self.manifest = manifest
         pa = _pyarrow()
-        try:
-            self._table = pa.ipc.open_file(pa.memory_map(str(self.path / TABLE), "r")).read_all()
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise DataError(f"{self.path / TABLE}: unreadable ({exc})",
-                            hint=f"prepare the data again with `spladectl data prepare SOURCE {self.path}`") from exc
+        tables = []
+        for part in manifest.get("parts") or [TABLE]:
+            try:
+                tables.append(pa.ipc.open_file(pa.memory_map(str(self.path / part), "r")).read_all())
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise DataError(f"{self.path / part}: unreadable ({exc})", hint="prepare the data again with "
+                                f"`spladectl data prepare SOURCE {self.path} --overwrite`") from exc
+        self._table = pa.concat_tables(tables)  # no copy: the parts' record batches, memory-mapped, side by side
         if self._table.num_rows != manifest.get("rows"):
-            raise DataError(f"{self.path / TABLE}: {self._table.num_rows} rows, but {MANIFEST} says "
+            raise DataError(f"{self.path}: {self._table.num_rows} rows, but {MANIFEST} says "
                             f"{manifest.get('rows')}", hint="prepare the data again")
         self._columns = {name: self._table.column(name) for name in self._table.column_names}
 
@@ -172,14 +246,15 @@ class PreparedExamples(Sequence[Example]):
 
 
 def min_negatives(examples: Sequence[Example]) -> int:
-    """The fewest negatives any example has (from the manifest for prepared data: no scan)."""
-    if isinstance(examples, PreparedExamples):
-        return examples.min_negatives
+    """The fewest negatives any example has: from the manifest of prepared data, from its sample for a file read by
+    offset (data/indexed.py), else a scan."""
+    if hasattr(examples, "min_negatives"):
+        return int(examples.min_negatives)
     return min(len(e.negatives) for e in examples)
 
 
 def all_have_teacher_scores(examples: Sequence[Example]) -> bool:
-    if isinstance(examples, PreparedExamples):
-        return examples.has_teacher_scores
+    if hasattr(examples, "has_teacher_scores"):
+        return bool(examples.has_teacher_scores)
     return all(e.teacher_scores is not None for e in examples)
 

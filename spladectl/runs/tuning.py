@@ -45,6 +45,7 @@ class TuneSettings:
     sampler: str = "tpe"
     pruner: str = "median"
     startup_trials: int = 5  # sampled at random and never pruned, before TPE and the pruner start judging
+    prune_from: int | None = None  # the first step a trial may be pruned at (default: its second evaluation)
     seed: int | None = None
     heartbeat: int = DEFAULT_HEARTBEAT
     max_failures: int = 3  # this worker stops after this many failed trials in a row
@@ -89,7 +90,8 @@ def check_experiment(experiment: Experiment, settings: TuneSettings) -> str:
             raise SpladectlError(f"{where}: metric {metric!r}: pruning compares an evaluation metric (nDCG@10, "
                                  "MRR@10, R@100, ...)", hint="or tune without pruning: --pruner none")
     for name, value, least in (("--trials", settings.trials, 1), ("--startup-trials", settings.startup_trials, 0),
-                               ("--heartbeat", settings.heartbeat, 1), ("--max-failures", settings.max_failures, 1)):
+                               ("--heartbeat", settings.heartbeat, 1), ("--max-failures", settings.max_failures, 1),
+                               ("--prune-from", 1 if settings.prune_from is None else settings.prune_from, 1)):
         if value < least:
             raise SpladectlError(f"{name} {value}: expected a number >= {least}")
     return metric
@@ -109,8 +111,13 @@ def open_study(experiment: Experiment, settings: TuneSettings, metric: str):
     direction = "minimize" if lower_is_better(metric) else "maximize"
     sampler = (optuna.samplers.TPESampler(n_startup_trials=settings.startup_trials, seed=settings.seed)
                if settings.sampler == "tpe" else optuna.samplers.RandomSampler(seed=settings.seed))
-    pruner = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials),
-              "hyperband": lambda: optuna.pruners.HyperbandPruner(),
+    # The first evaluation mostly measures where every trial started (the same model, a few steps on): judging
+    # there prunes by noise. From the second one on, the trials' settings have had time to tell.
+    every = int(experiment.base.get("eval_every") or 1)
+    warmup = (settings.prune_from if settings.prune_from is not None else 2 * every) - 1
+    pruner = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials,
+                                                            n_warmup_steps=max(0, warmup)),
+              "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=max(1, warmup + 1)),
               "none": lambda: optuna.pruners.NopPruner()}[settings.pruner]()
     try:
         study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,

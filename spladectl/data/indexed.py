@@ -1,0 +1,149 @@
+"""A JSONL or TSV file too large to read into memory, trained on directly: rows read by byte offset when a
+micro-batch asks for them.
+
+Opening the file scans it once for line starts (numpy over 64 MiB blocks, about a second per GB from the page
+cache) and keeps them as an int64 array in a cache file beside the data (or in the user's cache), memory-mapped; the
+next run on an unchanged file (same size and modification time) opens it at once. Memory then does not grow with the
+file: a row is parsed, checked and built when it is used, the epoch order is a permutation of row numbers, and the
+page cache, not the process, holds what was read. Order, resume and distributed shards are those of data in memory.
+
+Differences from reading the file whole (what `spladectl data prepare` avoids by checking every row first):
+- rows are checked when they are used, so a malformed row stops training when it is reached (file:line, as always);
+- TSV: each line is one example (reading a file whole groups lines with the same query and positive);
+- the fewest negatives and the presence of teacher scores are judged from the first SAMPLE_ROWS rows; a later row
+  with fewer negatives, or with teacher scores where those rows had none (or the reverse), is an error at its line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from spladectl.data._io import _invalid_json, where
+from spladectl.data.cache import atomic_write, cache_dirs, file_signature, place_tag
+from spladectl.data.examples import Example, _example, _tsv_example, require_same_scoring
+from spladectl.errors import DataError
+
+# Files larger than this are read by offset; smaller ones are read whole (every row checked before training).
+INDEX_BYTES = 512 * 2**20
+SAMPLE_ROWS = 1000
+_BLOCK = 64 * 2**20
+_SHORT = 8  # bytes: a line this short may be blank ("\n", "\r\n", spaces); longer ones are rows
+_BOM = b"\xef\xbb\xbf"
+
+
+def row_index(path: Path, progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """(rows + 1, 2) int64: for each row (non-blank line) the byte offset where it starts and its 1-based line
+    number; the last entry is (file size, 0). Row i is the bytes from index[i, 0] to index[i + 1, 0] (with any blank
+    lines after it, which parse as nothing)."""
+    size = path.stat().st_size
+    starts: list[np.ndarray] = []
+    with open(path, "rb") as handle:
+        first = 3 if handle.read(3) == _BOM else 0
+        handle.seek(0)
+        offset = 0
+        while block := handle.read(_BLOCK):
+            newlines = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
+            starts.append(newlines.astype(np.int64) + (offset + 1))
+            offset += len(block)
+            if progress:
+                progress(offset)
+        bounds = np.concatenate([np.array([first], dtype=np.int64), *starts])
+        if bounds[-1] != size:
+            bounds = np.append(bounds, np.int64(size))  # the last line has no newline
+        lines, lengths = bounds[:-1], np.diff(bounds)
+        keep = lengths > _SHORT
+        for i in np.flatnonzero(lengths <= _SHORT):  # short lines: blank unless they hold more than spaces
+            keep[i] = bool(os.pread(handle.fileno(), int(lengths[i]), int(lines[i])).strip())
+    rows = np.flatnonzero(keep)
+    index = np.empty((len(rows) + 1, 2), dtype=np.int64)
+    index[:-1, 0], index[:-1, 1] = lines[rows], rows + 1
+    index[-1] = (size, 0)
+    return index
+
+
+class IndexedExamples(Sequence[Example]):
+    """The rows of a JSONL or TSV file, each read, checked and built when asked for (see the module's docstring)."""
+
+    def __init__(self, path: str | Path, fmt: str, *, index_file: str | Path | None = None,
+                 progress: Callable[[int], None] | None = None):
+        if fmt not in ("jsonl", "tsv"):
+            raise DataError(f"{path}: {fmt} files are read whole; only JSONL and TSV rows can be read by offset")
+        self.path, self.fmt = Path(path), fmt
+        self.index_file = Path(index_file) if index_file else _index_file(self.path, progress)
+        self._index = np.load(self.index_file, mmap_mode="r")
+        self._fd: int | None = None
+        if len(self) == 0:
+            raise DataError(f"{self.path}: no examples")
+        sample = [self._read(i) for i in range(min(SAMPLE_ROWS, len(self)))]
+        self.first = sample[0]
+        self.min_negatives = min(len(e.negatives) for e in sample)
+        self.has_teacher_scores = self.first.teacher_scores is not None
+
+    def __len__(self) -> int:
+        return len(self._index) - 1
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        example = self._read(index)
+        if index >= SAMPLE_ROWS:
+            if len(example.negatives) < self.min_negatives:
+                raise DataError(f"{example.source}: {len(example.negatives)} negative(s), but each of the first "
+                                f"{SAMPLE_ROWS} rows has {self.min_negatives} or more, which training counts on",
+                                hint=f"`spladectl data prepare {self.path} OUT` checks every row before training")
+            require_same_scoring(example, self.first)
+        return example
+
+    def _read(self, index: int) -> Example:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)  # per process: DataLoader workers open their own
+        (start, line), end = self._index[index], int(self._index[index + 1, 0])
+        at = where(self.path, int(line))
+        raw = os.pread(self._fd, end - int(start), int(start))
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{at}: not UTF-8 text ({exc.reason})") from exc
+        if self.fmt == "tsv":
+            return _tsv_example(text, at)
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{at}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+        except (ValueError, RecursionError) as exc:
+            raise DataError(f"{at}: {_invalid_json(exc)}") from exc
+        return _example(record, at)
+
+    def __reduce__(self):
+        # DataLoader workers map the same index file and open the data file themselves.
+        return (IndexedExamples, (str(self.path), self.fmt), {"index_file": str(self.index_file)})
+
+    def __setstate__(self, state) -> None:
+        pass  # __reduce__'s call has rebuilt everything
+
+    def __repr__(self) -> str:
+        return f"IndexedExamples({str(self.path)!r}, {len(self)} rows)"
+
+
+def _index_file(path: Path, progress: Callable[[int], None] | None) -> Path:
+    """The cached row index of `path`, built when missing or when the file changed (size or modification time)."""
+    tag = f"{place_tag(path)}-{path.name}"
+    name = f"{tag}-{'-'.join(map(str, file_signature(path)[1:]))}.rows.npy"
+    directories = cache_dirs(path.parent, "rows")
+    for directory in directories:
+        if (directory / name).is_file():
+            return directory / name
+    index = row_index(path, progress)
+    for directory in directories:
+        if atomic_write(directory, name, lambda fh: np.save(fh, index), stale_prefix=f"{tag}-"):
+            return directory / name
+    raise DataError(f"{path}: cannot write the index of its rows in {' or '.join(map(str, directories))}")
