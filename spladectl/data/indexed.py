@@ -53,15 +53,20 @@ def row_index(path: Path, progress: Callable[[int], None] | None = None) -> np.n
             if progress:
                 progress(offset)
         bounds = np.concatenate([np.array([first], dtype=np.int64), *starts])
+        starts.clear()  # the blocks' arrays: freed before the next copies (10M lines: 80 MB each)
         if bounds[-1] != size:
             bounds = np.append(bounds, np.int64(size))  # the last line has no newline
         lines, lengths = bounds[:-1], np.diff(bounds)
         keep = lengths > _SHORT
         for i in np.flatnonzero(lengths <= _SHORT):  # short lines: blank unless they hold more than spaces
             keep[i] = bool(os.pread(handle.fileno(), int(lengths[i]), int(lines[i])).strip())
+    del lengths
     rows = np.flatnonzero(keep)
+    del keep
     index = np.empty((len(rows) + 1, 2), dtype=np.int64)
-    index[:-1, 0], index[:-1, 1] = lines[rows], rows + 1
+    index[:-1, 0] = lines[rows]
+    del lines, bounds
+    index[:-1, 1] = rows + 1
     index[-1] = (size, 0)
     return index
 
@@ -75,8 +80,16 @@ class IndexedExamples(Sequence[Example]):
             raise DataError(f"{path}: {fmt} files are read whole; only JSONL and TSV rows can be read by offset")
         self.path, self.fmt = Path(path), fmt
         self.index_file = Path(index_file) if index_file else _index_file(self.path, progress)
-        self._index = np.load(self.index_file, mmap_mode="r")
+        # The index is read with pread too: a memory map of it would count as this process's memory as rows are used.
+        with open(self.index_file, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, _ = read_header(fh)
+            self._index_at = fh.tell()
+        self._rows = shape[0] - 1
         self._fd: int | None = None
+        self._index_fd: int | None = None
         if len(self) == 0:
             raise DataError(f"{self.path}: no examples")
         sample = [self._read(i) for i in range(min(SAMPLE_ROWS, len(self)))]
@@ -85,7 +98,7 @@ class IndexedExamples(Sequence[Example]):
         self.has_teacher_scores = self.first.teacher_scores is not None
 
     def __len__(self) -> int:
-        return len(self._index) - 1
+        return self._rows
 
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
@@ -104,11 +117,11 @@ class IndexedExamples(Sequence[Example]):
         return example
 
     def _read(self, index: int) -> Example:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)  # per process: DataLoader workers open their own
-        (start, line), end = self._index[index], int(self._index[index + 1, 0])
+        if self._fd is None:  # per process: DataLoader workers open their own
+            self._fd, self._index_fd = os.open(self.path, os.O_RDONLY), os.open(self.index_file, os.O_RDONLY)
+        start, line, end = np.frombuffer(os.pread(self._index_fd, 24, self._index_at + 16 * index), dtype=np.int64)
         at = where(self.path, int(line))
-        raw = os.pread(self._fd, end - int(start), int(start))
+        raw = os.pread(self._fd, int(end - start), int(start))
         try:
             text = raw.decode("utf-8").strip()
         except UnicodeDecodeError as exc:

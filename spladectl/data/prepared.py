@@ -1,11 +1,12 @@
-"""Training data converted once to a memory-mapped Arrow file, so that training on millions of examples starts at once
-and holds only the rows it is using.
+"""Training data converted once to Arrow files, so that training on millions of examples starts at once and holds
+only the rows it is using.
 
 `spladectl data prepare IN OUT` reads IN (JSONL, seed JSON or TSV triples) one row at a time, checks every row as the
 readers do, and writes OUT/part-NNNNN.arrow (Arrow IPC files of PART_ROWS rows, in record batches of ROWS_PER_BATCH)
 and OUT/prepared.json (rows, parts, fewest negatives, whether teacher scores are present, the source). OUT is built in
-`.OUT.preparing/` and renamed, so it is whole or absent; a killed preparation continues from its last whole part. `--data OUT` then trains on it: PreparedExamples maps the files and builds an
-Example only when a micro-batch asks for it; the page cache, not the process, holds what was read.
+`.OUT.preparing/` and renamed, so it is whole or absent; a killed preparation continues from its last whole part.
+`--data OUT` then trains on it: PreparedExamples reads the record batch holding a row when a micro-batch asks for it
+(with pread, not a memory map: mapped pages would count as the process's memory, and a fault holds the GIL).
 
 TSV triples: lines with the same query and positive are grouped into one example when they are adjacent (reading a
 TSV file directly groups them wherever they are, which needs the whole file in memory); sort the file by its first
@@ -18,6 +19,8 @@ import json
 import os
 import shutil
 from pathlib import Path
+
+import numpy as np
 from typing import Any, Callable, Iterator, Sequence
 
 from spladectl.data._io import iter_json_array, iter_jsonl, iter_lines, where
@@ -26,11 +29,12 @@ from spladectl.data.examples import Example, _example, _tsv_example, require_sam
 from spladectl.errors import DataError, SpladectlError
 
 MANIFEST = "prepared.json"
-TABLE = "examples.arrow"  # version 1: one file; version 2 lists its parts in the manifest
 PROGRESS = "progress.json"
 FORMAT = "spladectl-prepared-examples"
 VERSION = 2
-ROWS_PER_BATCH = 4096
+# Rows are read a record batch at a time (a pread, without the GIL, in the prefetch thread): small batches keep a
+# random row's read small (about 230 KB for MS MARCO-like rows) and the process's memory flat.
+ROWS_PER_BATCH = 256
 PART_ROWS = 1_000_000  # rows per part file: what a killed `data prepare` can lose
 
 
@@ -118,6 +122,7 @@ def prepare(source: str | Path, out: str | Path, *, fmt: str, progress: Callable
         shutil.rmtree(work, ignore_errors=True)
         raise DataError(f"{source}: no examples")
     manifest = {"format": FORMAT, "version": VERSION, "rows": state["rows"], "parts": state["parts"],
+                "rows_per_batch": ROWS_PER_BATCH,
                 "min_negatives": state["min_negatives"], "max_negatives": state["max_negatives"],
                 "teacher_scores": state["teacher_scores"], "source": signature["source"], "source_format": fmt,
                 "source_bytes": stat.st_size}
@@ -160,7 +165,8 @@ def _progress_so_far(work: Path, signature: dict[str, Any]) -> dict[str, Any] | 
     except (OSError, ValueError):
         return None
     if not isinstance(state, dict) or any(state.get(k) != v for k, v in signature.items()) \
-            or state.get("next_line") is None or not all((work / part).is_file() for part in state.get("parts", [])):
+            or state.get("next_line") is None \
+            or not all((work / part["file"]).is_file() for part in state.get("parts", [])):
         return None
     return state
 
@@ -172,7 +178,7 @@ def _write_part(pa, work: Path, state: dict[str, Any], examples: list[Example], 
         for i in range(0, len(examples), ROWS_PER_BATCH):
             writer.write_batch(_record_batch(pa, examples[i:i + ROWS_PER_BATCH]))
     os.replace(tmp, work / name)
-    state["parts"].append(name)
+    state["parts"].append({"file": name, "rows": len(examples)})
     state["rows"] += len(examples)
     state["next_line"] = next_line
     write_atomically(work / PROGRESS, lambda fh: fh.write(json.dumps(state).encode()))
@@ -197,23 +203,35 @@ class PreparedExamples(Sequence[Example]):
             manifest = json.loads((self.path / MANIFEST).read_text())
         except (OSError, ValueError) as exc:
             raise DataError(f"{self.path / MANIFEST}: unreadable ({exc})") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") not in (1, 2):
-            raise DataError(f"{self.path / MANIFEST}: not a prepared-examples manifest (version 1 or 2)",
-                            hint=f"prepare the data again with `spladectl data prepare SOURCE {self.path}`")
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise DataError(f"{self.path / MANIFEST}: not a prepared-examples manifest of version {VERSION}",
+                            hint=f"prepare the data again with `spladectl data prepare SOURCE {self.path} --overwrite`")
         self.manifest = manifest
-        pa = _pyarrow()
-        tables = []
-        for part in manifest.get("parts") or [TABLE]:
-            try:
-                tables.append(pa.ipc.open_file(pa.memory_map(str(self.path / part), "r")).read_all())
-            except (OSError, pa.ArrowInvalid) as exc:
-                raise DataError(f"{self.path / part}: unreadable ({exc})", hint="prepare the data again with "
-                                f"`spladectl data prepare SOURCE {self.path} --overwrite`") from exc
-        self._table = pa.concat_tables(tables)  # no copy: the parts' record batches, memory-mapped, side by side
-        if self._table.num_rows != manifest.get("rows"):
-            raise DataError(f"{self.path}: {self._table.num_rows} rows, but {MANIFEST} says "
+        self._parts = [self.path / part["file"] for part in manifest["parts"]]
+        self._part_starts = np.cumsum([0, *(part["rows"] for part in manifest["parts"])])
+        self._per_batch = int(manifest["rows_per_batch"])
+        if int(self._part_starts[-1]) != manifest.get("rows"):
+            raise DataError(f"{self.path / MANIFEST}: its parts hold {int(self._part_starts[-1])} rows, but it says "
                             f"{manifest.get('rows')}", hint="prepare the data again")
-        self._columns = {name: self._table.column(name) for name in self._table.column_names}
+        self._readers: dict[int, Any] = {}
+        for part in range(len(self._parts)):  # every part opens, and holds the rows the manifest says
+            expected = -(-int(self._part_starts[part + 1] - self._part_starts[part]) // self._per_batch)
+            if self._reader(part).num_record_batches != expected:
+                raise DataError(f"{self._parts[part]}: {self._reader(part).num_record_batches} record batches, "
+                                f"expected {expected}", hint="prepare the data again")
+
+    def _reader(self, part: int):
+        """The part's IPC reader, opened on first use in each process (a DataLoader worker opens its own)."""
+        reader = self._readers.get(part)
+        if reader is None:
+            pa = _pyarrow()
+            try:
+                reader = pa.ipc.open_file(pa.OSFile(str(self._parts[part])))
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise DataError(f"{self._parts[part]}: unreadable ({exc})", hint="prepare the data again with "
+                                f"`spladectl data prepare SOURCE {self.path} --overwrite`") from exc
+            self._readers[part] = reader
+        return reader
 
     @property
     def min_negatives(self) -> int:
@@ -224,7 +242,7 @@ class PreparedExamples(Sequence[Example]):
         return bool(self.manifest["teacher_scores"])
 
     def __len__(self) -> int:
-        return self._table.num_rows
+        return int(self._part_starts[-1])
 
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
@@ -233,9 +251,11 @@ class PreparedExamples(Sequence[Example]):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        c = self._columns
-        return Example(c["query"][index].as_py(), c["positive"][index].as_py(), c["negatives"][index].as_py(),
-                       c["teacher_scores"][index].as_py(), c["source"][index].as_py())
+        part = int(np.searchsorted(self._part_starts, index, side="right")) - 1
+        batch, row = divmod(index - int(self._part_starts[part]), self._per_batch)
+        values = self._reader(part).get_batch(batch).slice(row, 1).to_pylist()[0]
+        return Example(values["query"], values["positive"], values["negatives"], values["teacher_scores"],
+                       values["source"])
 
     def __reduce__(self):
         # DataLoader workers started by spawn get the path and map the file themselves, instead of a pickled copy.
