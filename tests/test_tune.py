@@ -260,3 +260,57 @@ def test_three_sweep_processes_on_one_runs_root_run_each_point_once(tmp_path, ma
     for point in started:
         record = load_record(tmp_path / "runs" / "grid" / point)
         assert record.status == "finished" and record.steps == 1 and record.resumes == 0
+
+
+# ------------------------------------------------------------------------------------------------ fuzzing the table
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+NUMBER = st.one_of(st.integers(-5, 50), st.floats(-1.0, 1.0), st.floats(allow_nan=True, allow_infinity=True),
+                   st.sampled_from([0, 1e-6, 3e-3, True, "1e-4", None]))
+SPEC = st.one_of(
+    st.fixed_dictionaries({"low": NUMBER, "high": NUMBER},
+                          optional={"log": st.sampled_from([True, False, 1, "yes"]), "step": NUMBER,
+                                    "scale": st.just("log")}),
+    st.lists(st.one_of(st.integers(0, 9), st.sampled_from(["32-true", "bf16-mixed", ""]), st.booleans()),
+             max_size=4),
+    NUMBER,
+)
+
+
+def _toml(value) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items() if v is not None) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return {float("inf"): "inf", float("-inf"): "-inf"}.get(value, "nan" if value != value else repr(value))
+    return json.dumps(value) if value is not None else '"none"'
+
+
+@settings(max_examples=int(os.environ.get("SPLADECTL_TUNE_FUZZ", 60)), deadline=None)
+@given(spec=SPEC, option=st.sampled_from(["lr", "lambda_d", "n-negatives", "precision"]))
+def test_any_search_table_loads_as_written_or_names_the_file_and_key(tmp_path_factory, spec, option):
+    """Every [search] entry either becomes the dimension it describes or is refused naming the file and the key."""
+    from spladectl.cli.train import train_command
+    from spladectl.runs.experiment import load_experiment
+
+    path = tmp_path_factory.mktemp("fuzz") / "search.toml"
+    path.write_text(f"[base]\nmax-steps = 1\n[search]\n{option} = {_toml(spec)}\n")
+    try:
+        exp = load_experiment(path, train_command())
+    except SpladectlError as exc:
+        assert str(path) in exc.format_message() and f"[search] {option.replace('-', '_')}" in exc.format_message() \
+            or "unknown train option" in exc.format_message(), exc.format_message()
+        return
+    (dim,) = exp.search
+    assert dim.name == option.replace("-", "_")
+    written = {k: v for k, v in spec.items() if v is not None} if isinstance(spec, dict) else spec
+    if isinstance(written, list):
+        assert list(dim.choices) == written
+    else:
+        assert (dim.low, dim.high, dim.log, dim.step) == (written["low"], written["high"], written.get("log", False),
+                                                          written.get("step"))
+        assert dim.low <= dim.high and (not dim.log or dim.low > 0)
