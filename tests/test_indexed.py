@@ -104,3 +104,34 @@ def test_a_bad_row_past_the_sample_is_named_when_training_reaches_it(tmp_path, c
                  "--precision", "32-true", "--no-progress")
     assert result.exit_code == 2 and "teacher scores on some rows only" in result.output, result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("source", ["offset", "prepared"])
+def test_a_run_on_large_data_resumes_to_the_exact_micro_batch(tmp_path, pm, registered, source):
+    """Killed after a checkpoint in the middle of an epoch, resumed: the same weights and losses as a straight run."""
+    from spladectl.checkpoint import find_checkpoint
+    from spladectl.data.prepared import prepare
+    from test_engine import KilledAfterCheckpoint, weights
+
+    data = tiny.write_jsonl(tmp_path / "train.jsonl")
+    if source == "prepared":
+        prepare(data, tmp_path / "prepared", fmt="jsonl")
+        data = tmp_path / "prepared"
+
+    def trainer(name, **overrides):
+        return Trainer(tiny.config(tmp_path / name, max_steps=6, batch_size=2, **overrides),
+                       load_training_data(data), pm=pm, progress=False)
+
+    straight = trainer("s")
+    straight.fit()
+    killer = registered(KilledAfterCheckpoint())
+    with pytest.raises(KeyboardInterrupt):
+        trainer("r", save_every=3).fit()
+    pm.unregister(killer)
+    resumed = trainer("r")
+    resumed.resume(find_checkpoint("latest", tmp_path / "r" / "out"))
+    assert resumed.state.step == 3 and resumed.state.position == 3  # 3 of the epoch's 4 micro-batches done
+    resumed.fit()
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in tiny.metrics_rows(tmp_path / "s")] == [r["loss"] for r in tiny.metrics_rows(tmp_path / "r")]
