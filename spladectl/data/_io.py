@@ -55,15 +55,20 @@ def iter_jsonl(path: str | Path, start: int = 1) -> Iterator[tuple[int, dict[str
     for number, line in iter_lines(path, start):
         if not line.strip():
             continue  # a blank line carries no row, so nothing is skipped by passing over it
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where(path, number)}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
-        except (ValueError, RecursionError) as exc:
-            raise DataError(f"{where(path, number)}: {_invalid_json(exc)}") from exc
-        if not isinstance(value, dict):
-            raise DataError(f"{where(path, number)}: expected a JSON object, found {_json_type(value)}")
-        yield number, value
+        yield number, json_object(line, where(path, number))
+
+
+def json_object(text: str, at: str) -> dict[str, Any]:
+    """One line of JSONL as an object; anything else is an error naming `at` (file:line)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{at}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"{at}: {_invalid_json(exc)}") from exc
+    if not isinstance(value, dict):
+        raise DataError(f"{at}: expected a JSON object, found {_json_type(value)}")
+    return value
 
 
 def iter_json_array(path: str | Path) -> Iterator[tuple[int, Any]]:

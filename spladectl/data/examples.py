@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from spladectl.data._io import (
     iter_json_array,
@@ -192,3 +192,20 @@ def iter_records(examples: Iterable[Example]) -> Iterator[dict[str, Any]]:
                 {"document": d, "score": s} for d, s in zip(example.negatives, example.teacher_scores[1:])
             ]
         yield record
+
+
+class ExamplesOnDemand(Sequence[Example]):
+    """Examples built one at a time when asked for (prepared data, large files, Hub datasets): `len()`, indexing
+    (negative indices and slices too) and iteration; a subclass gives `__len__` and `_row(index)`."""
+
+    def _row(self, index: int) -> Example:
+        raise NotImplementedError
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._row(index)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 import re
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
-from spladectl.data.examples import Example
+from spladectl.data.examples import Example, ExamplesOnDemand
 from spladectl.errors import DataError
 
 QUERY_COLUMNS = ("query", "anchor", "question")
@@ -52,7 +52,7 @@ def _offline() -> Iterator[None]:
             setattr(module, key, value)
 
 
-class HubExamples(Sequence[Example]):
+class HubExamples(ExamplesOnDemand):
     """The rows of a cached Hub dataset's split as Examples (see the module's docstring)."""
 
     def __init__(self, name: str, split: str = "train"):
@@ -96,13 +96,7 @@ class HubExamples(Sequence[Example]):
     def __len__(self) -> int:
         return self._dataset.num_rows
 
-    def __getitem__(self, index):  # type: ignore[override]
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+    def _row(self, index: int) -> Example:
         row = self._dataset[index]
         at = f"{self.name} [{self.split}] row {index + 1}"
         c = self._columns

@@ -16,16 +16,15 @@ Differences from reading the file whole (what `spladectl data prepare` avoids by
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
-from spladectl.data._io import _invalid_json, where
+from spladectl.data._io import json_object, where
 from spladectl.data.cache import atomic_write, cache_dirs, file_signature, place_tag
-from spladectl.data.examples import Example, _example, _tsv_example, require_same_scoring
+from spladectl.data.examples import Example, ExamplesOnDemand, _example, _tsv_example, require_same_scoring
 from spladectl.errors import DataError
 
 # Files larger than this are read by offset; smaller ones are read whole (every row checked before training).
@@ -71,7 +70,7 @@ def row_index(path: Path, progress: Callable[[int], None] | None = None) -> np.n
     return index
 
 
-class IndexedExamples(Sequence[Example]):
+class IndexedExamples(ExamplesOnDemand):
     """The rows of a JSONL or TSV file, each read, checked and built when asked for (see the module's docstring)."""
 
     def __init__(self, path: str | Path, fmt: str, *, index_file: str | Path | None = None,
@@ -100,13 +99,7 @@ class IndexedExamples(Sequence[Example]):
     def __len__(self) -> int:
         return self._rows
 
-    def __getitem__(self, index):  # type: ignore[override]
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+    def _row(self, index: int) -> Example:
         example = self._read(index)
         if index >= SAMPLE_ROWS:
             if len(example.negatives) < self.min_negatives:
@@ -128,13 +121,7 @@ class IndexedExamples(Sequence[Example]):
             raise DataError(f"{at}: not UTF-8 text ({exc.reason})") from exc
         if self.fmt == "tsv":
             return _tsv_example(text, at)
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{at}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
-        except (ValueError, RecursionError) as exc:
-            raise DataError(f"{at}: {_invalid_json(exc)}") from exc
-        return _example(record, at)
+        return _example(json_object(text, at), at)
 
     def __reduce__(self):
         # DataLoader workers map the same index file and open the data file themselves.

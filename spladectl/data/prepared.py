@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from spladectl.data._io import iter_json_array, iter_jsonl, iter_lines, where
 from spladectl.data.cache import write_atomically
-from spladectl.data.examples import Example, _example, _tsv_example, require_same_scoring
+from spladectl.data.examples import Example, ExamplesOnDemand, _example, _tsv_example, require_same_scoring
 from spladectl.errors import DataError, SpladectlError
 
 MANIFEST = "prepared.json"
@@ -194,7 +194,7 @@ def _record_batch(pa, examples: list[Example]):
                             [e.source for e in examples]], schema=_schema())
 
 
-class PreparedExamples(Sequence[Example]):
+class PreparedExamples(ExamplesOnDemand):
     """The examples of a prepared directory, memory-mapped: `len()`, and an Example built per index on demand."""
 
     def __init__(self, path: str | Path):
@@ -244,13 +244,7 @@ class PreparedExamples(Sequence[Example]):
     def __len__(self) -> int:
         return int(self._part_starts[-1])
 
-    def __getitem__(self, index):  # type: ignore[override]
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+    def _row(self, index: int) -> Example:
         part = int(np.searchsorted(self._part_starts, index, side="right")) - 1
         batch, row = divmod(index - int(self._part_starts[part]), self._per_batch)
         values = self._reader(part).get_batch(batch).slice(row, 1).to_pylist()[0]
