@@ -160,7 +160,9 @@ def _storage(settings: TuneSettings):
                                                   grace_period=2 * settings.heartbeat,
                                                   heartbeat_stale_trial_callback=retry(max_retry=MAX_RETRIES))
             except ImportError as exc:  # the database's driver
-                raise SpladectlError(f"--storage {masked(url)}: {exc}") from exc
+                raise SpladectlError(f"--storage {masked(url)}: {exc}",
+                                     hint="install the database's driver: psycopg2-binary for postgresql://, "
+                                          "PyMySQL for mysql+pymysql://") from exc
             except Exception as exc:  # noqa: BLE001 - a server that is down, a bad path, or a race (below)
                 # Workers started together on a new database all create its tables: all but one fail once.
                 if attempt == OPEN_ATTEMPTS:
@@ -371,6 +373,10 @@ def study_status(study, settings: TuneSettings, metric: str | None = None) -> di
 def load_existing_study(settings: TuneSettings, name: str):
     """An existing study, for --status; a clear error when the storage has no study of that name."""
     optuna = require_optuna()
+    if settings.storage.startswith("sqlite:///") and not Path(settings.storage[len("sqlite:///"):]).is_file():
+        # Opening would create an empty database: --status only reads
+        raise SpladectlError(f"--storage {settings.storage}: no such database file",
+                             hint="give the --storage the workers of the study use")
     storage = _storage(settings)
     names = [s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)]
     if name not in names:
