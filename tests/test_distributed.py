@@ -464,3 +464,19 @@ def test_a_checkpoint_resumes_only_with_the_number_of_processes_that_wrote_it(tm
     del state["config"]["world_size"]  # written before distributed training existed: a single process
     torch.save(state, path / STATE_FILE)
     Trainer(config(tmp_path, max_steps=2), examples(), pm=manager, progress=False).resume(path)
+
+
+def test_two_processes_on_prepared_data_train_as_on_the_file(global_batch_run, data, tmp_path):
+    """Each rank reads its own share of every global micro-batch from the prepared directory: the same run as on the
+    file the directory came from."""
+    from spladectl.data.prepared import prepare
+
+    prepare(data, tmp_path / "prepared", fmt="jsonl")
+    result = spladectl("train", "--data", str(tmp_path / "prepared"), "-o", str(tmp_path / "out"), *PER_PROCESS,
+                       *SMALL, "--max-steps", "3", "--plugin", "dist_plugins:NoDropout")
+    assert result.returncode == 0, " ".join(result.stderr.split())[-3000:]
+    root, on_the_file, _ = global_batch_run
+    assert [(r["loss"], r["grad_norm"]) for r in metrics(tmp_path / "out")] == \
+        [(r["loss"], r["grad_norm"]) for r in on_the_file]
+    prepared, file = weights(tmp_path / "out" / "final"), weights(root / "out" / "final")
+    assert all(torch.equal(prepared[k], file[k]) for k in file)
