@@ -36,7 +36,8 @@ from spladectl import checkpoint as ckpt
 from spladectl import collapse, distributed
 from spladectl.batches import Collator, MicroBatch, micro_batches, micro_batches_per_epoch
 from spladectl.config import TrainConfig
-from spladectl.data import Example, prepared
+from spladectl.data import Example
+from spladectl.data.examples import all_have_teacher_scores, min_negatives
 from spladectl.data.cache import recover_staged, staged_directory, write_atomically
 from spladectl.distributed import World
 from spladectl.errors import CollapseError, NonFiniteError, SpladectlError
@@ -171,11 +172,11 @@ class Trainer:
             # Every process starts from the same weights (DDP also broadcasts rank 0's); dropout draws its own masks.
             seed_everything(config.seed + 7919 * self.world.rank)
         model.max_query_length, model.max_doc_length = config.max_query_length, config.max_doc_length
-        min_negatives = prepared.min_negatives(examples)
-        if config.n_negatives > min_negatives:
+        fewest = min_negatives(examples)
+        if config.n_negatives > fewest:
             # The documents tensor must be rectangular; cycling a single negative would only repeat it.
-            self.log(f"note: using {min_negatives} hard negative(s) per example (the data has no more for some rows)")
-            config.n_negatives = min_negatives
+            self.log(f"note: using {fewest} hard negative(s) per example (the data has no more for some rows)")
+            config.n_negatives = fewest
         texts = config.batch_size * (1 + config.n_negatives)
         if config.grad_cache_chunk is not None and config.grad_cache_chunk >= texts:
             self.log(f"note: --grad-cache-chunk {config.grad_cache_chunk} is not below the {texts} documents of a "
@@ -190,7 +191,7 @@ class Trainer:
         if self.world.distributed:
             self.encoder = distributed.wrap_model(self.encoder, self.device)
         # Teacher scores are gathered only when every example has them, so that all processes agree to gather.
-        self._gather_teacher = prepared.all_have_teacher_scores(examples)
+        self._gather_teacher = all_have_teacher_scores(examples)
         self.state.optimizer = pm.hook.make_optimizer(model=model, state=self.state)
         self.state.scheduler = pm.hook.make_lr_scheduler(optimizer=self.state.optimizer, total_steps=total,
                                                          state=self.state)

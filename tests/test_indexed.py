@@ -12,7 +12,8 @@ import torch
 
 from spladectl import plugin_loading
 from spladectl.data import indexed, load_training_data, read_jsonl
-from spladectl.data.indexed import SAMPLE_ROWS, IndexedExamples
+from spladectl.data.examples import SAMPLE_ROWS
+from spladectl.data.indexed import IndexedExamples
 from spladectl.engine import Trainer
 from spladectl.errors import DataError
 from test_prepared import final_weights, scored_jsonl

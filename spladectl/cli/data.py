@@ -169,7 +169,7 @@ def prepare_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="A progress bar on stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
-    """Convert training data once into a memory-mapped Arrow file, for data too large to read into memory.
+    """Convert training data once into Arrow files, for data too large to read into memory.
 
     Every row is checked as `spladectl data validate` checks it (the first problem is reported with file:line, exit 2,
     and OUT is not written). `spladectl train --data OUT` then starts at once and reads rows as micro-batches need

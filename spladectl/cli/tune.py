@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from spladectl.errors import SpladectlError
-from spladectl.runs.tuning import DEFAULT_HEARTBEAT, DEFAULT_STORAGE, PRUNERS, SAMPLERS
+from spladectl.runs.tuning import DEFAULT_HEARTBEAT, DEFAULT_STORAGE, PRUNERS, SAMPLERS, format_params
 
 
 def register(app: typer.Typer) -> None:
@@ -93,7 +93,7 @@ def _show(summary: dict, as_json: bool) -> None:
     metric = summary["metric"] or "value"
     table = output.table("trial", "state", metric, "last step", "duration", "run", "parameters")
     for row in summary["trials"]:
-        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items())
+        params = format_params(row["params"])
         if row["error"]:
             params += f"  ({row['error'].splitlines()[0][:60]})"
         output.row(table, row["number"], row["state"], output.number(row["value"]), row["last_step"] or "-",
@@ -105,5 +105,5 @@ def _show(summary: dict, as_json: bool) -> None:
     console.print(counts or "no trials yet")
     best = summary["best"]
     if best is not None:
-        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+        params = format_params(best["params"])
         console.print(f"best: trial {best['number']}, {metric} {best['value']:.4f}, run {best['run']}: {params}")

@@ -103,10 +103,16 @@ def staged_directory(out: Path) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         yield staging
-        aside = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(aside)
-        staging.rename(out)
-        shutil.rmtree(aside, ignore_errors=True)
+        swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def swap_in(staging: Path, out: Path) -> None:
+    """Make the filled directory `staging` become `out`: an existing `out` is moved aside, replaced, then deleted (a
+    kill between the two renames leaves only the copy aside, which `recover_staged(out)` puts back)."""
+    aside = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(aside)
+    staging.rename(out)
+    shutil.rmtree(aside, ignore_errors=True)

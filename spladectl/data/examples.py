@@ -194,12 +194,29 @@ def iter_records(examples: Iterable[Example]) -> Iterator[dict[str, Any]]:
         yield record
 
 
+# Rows read when used (a large file, a Hub dataset) are not all seen before training: the fewest negatives and the
+# presence of teacher scores are judged from this many first rows, and later rows are held to them.
+SAMPLE_ROWS = 1000
+
+
 class ExamplesOnDemand(Sequence[Example]):
     """Examples built one at a time when asked for (prepared data, large files, Hub datasets): `len()`, indexing
-    (negative indices and slices too) and iteration; a subclass gives `__len__` and `_row(index)`."""
+    (negative indices and slices too) and iteration; a subclass gives `__len__` and `_row(index)`, and sets
+    `min_negatives` and `has_teacher_scores` (from a manifest, or by `_judge_from_sample`)."""
+
+    min_negatives: int
+    has_teacher_scores: bool
+    _first: Example | None = None  # set by _judge_from_sample: rows past the sample are checked against it
+    _check_hint: str | None = None
 
     def _row(self, index: int) -> Example:
         raise NotImplementedError
+
+    def _judge_from_sample(self, hint: str | None = None) -> None:
+        sample = [self._row(i) for i in range(min(SAMPLE_ROWS, len(self)))]
+        self._first, self._check_hint = sample[0], hint
+        self.min_negatives = min(len(e.negatives) for e in sample)
+        self.has_teacher_scores = self._first.teacher_scores is not None
 
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
@@ -208,4 +225,24 @@ class ExamplesOnDemand(Sequence[Example]):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        return self._row(index)
+        example = self._row(index)
+        if self._first is not None and index >= SAMPLE_ROWS:
+            if len(example.negatives) < self.min_negatives:
+                raise DataError(f"{example.source}: {len(example.negatives)} negative(s), but each of the first "
+                                f"{SAMPLE_ROWS} rows has {self.min_negatives} or more, which training counts on",
+                                hint=self._check_hint)
+            require_same_scoring(example, self._first)
+        return example
+
+
+def min_negatives(examples: Sequence[Example]) -> int:
+    """The fewest negatives any example has: what examples built on demand know (a manifest, a sample), else a scan."""
+    if isinstance(examples, ExamplesOnDemand):
+        return int(examples.min_negatives)
+    return min(len(e.negatives) for e in examples)
+
+
+def all_have_teacher_scores(examples: Sequence[Example]) -> bool:
+    if isinstance(examples, ExamplesOnDemand):
+        return bool(examples.has_teacher_scores)
+    return all(e.teacher_scores is not None for e in examples)

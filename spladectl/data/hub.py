@@ -25,7 +25,6 @@ QUERY_COLUMNS = ("query", "anchor", "question")
 POSITIVE_COLUMNS = ("positive", "positive_document", "pos")
 LIST_NEGATIVE_COLUMNS = ("negative_documents", "negatives", "neg")
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
-SAMPLE_ROWS = 1000
 
 
 def looks_like_hub_name(text: str) -> bool:
@@ -75,9 +74,7 @@ class HubExamples(ExamplesOnDemand):
         self._columns = self._choose_columns(dataset.column_names)
         if len(self) == 0:
             raise DataError(f"{name} [{split}]: no rows")
-        sample = [self[i] for i in range(min(SAMPLE_ROWS, len(self)))]
-        self.min_negatives = min(len(e.negatives) for e in sample)
-        self.has_teacher_scores = False
+        self._judge_from_sample()
 
     def _choose_columns(self, names: list[str]) -> dict[str, Any]:
         def first(options):
@@ -106,9 +103,6 @@ class HubExamples(ExamplesOnDemand):
                              *((f"negative {i + 1}", n) for i, n in enumerate(negatives))]:
             if not isinstance(value, str) or not value.strip():
                 raise DataError(f"{at}: {field} is {'empty' if isinstance(value, str) else type(value).__name__}")
-        if index >= SAMPLE_ROWS and len(negatives) < self.min_negatives:
-            raise DataError(f"{at}: {len(negatives)} negative(s), but each of the first {SAMPLE_ROWS} rows has "
-                            f"{self.min_negatives} or more, which training counts on")
         return Example(query.strip(), positive.strip(), [n.strip() for n in negatives], None, at)
 
     def __reduce__(self):

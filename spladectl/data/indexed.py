@@ -1,8 +1,8 @@
 """A JSONL or TSV file too large to read into memory, trained on directly: rows read by byte offset when a
 micro-batch asks for them.
 
-Opening the file scans it once for line starts (numpy over 64 MiB blocks, about a second per GB from the page
-cache) and keeps them as an int64 array in a cache file beside the data (or in the user's cache), memory-mapped; the
+Opening the file scans it once for line starts (numpy over 64 MiB blocks, one to two seconds per GB from the page
+cache) and keeps them as int64 pairs in a cache file beside the data (or in the user's cache), read with pread; the
 next run on an unchanged file (same size and modification time) opens it at once. Memory then does not grow with the
 file: a row is parsed, checked and built when it is used, the epoch order is a permutation of row numbers, and the
 page cache, not the process, holds what was read. Order, resume and distributed shards are those of data in memory.
@@ -10,8 +10,9 @@ page cache, not the process, holds what was read. Order, resume and distributed 
 Differences from reading the file whole (what `spladectl data prepare` avoids by checking every row first):
 - rows are checked when they are used, so a malformed row stops training when it is reached (file:line, as always);
 - TSV: each line is one example (reading a file whole groups lines with the same query and positive);
-- the fewest negatives and the presence of teacher scores are judged from the first SAMPLE_ROWS rows; a later row
-  with fewer negatives, or with teacher scores where those rows had none (or the reverse), is an error at its line.
+- the fewest negatives and the presence of teacher scores are judged from the first rows (examples.SAMPLE_ROWS); a
+  later row with fewer negatives, or with teacher scores where those rows had none (or the reverse), is an error at
+  its line.
 """
 
 from __future__ import annotations
@@ -24,12 +25,11 @@ import numpy as np
 
 from spladectl.data._io import json_object, where
 from spladectl.data.cache import atomic_write, cache_dirs, file_signature, place_tag
-from spladectl.data.examples import Example, ExamplesOnDemand, _example, _tsv_example, require_same_scoring
+from spladectl.data.examples import Example, ExamplesOnDemand, _example, _tsv_example
 from spladectl.errors import DataError
 
 # Files larger than this are read by offset; smaller ones are read whole (every row checked before training).
 INDEX_BYTES = 512 * 2**20
-SAMPLE_ROWS = 1000
 _BLOCK = 64 * 2**20
 _SHORT = 8  # bytes: a line this short may be blank ("\n", "\r\n", spaces); longer ones are rows
 _BOM = b"\xef\xbb\xbf"
@@ -91,25 +91,12 @@ class IndexedExamples(ExamplesOnDemand):
         self._index_fd: int | None = None
         if len(self) == 0:
             raise DataError(f"{self.path}: no examples")
-        sample = [self._read(i) for i in range(min(SAMPLE_ROWS, len(self)))]
-        self.first = sample[0]
-        self.min_negatives = min(len(e.negatives) for e in sample)
-        self.has_teacher_scores = self.first.teacher_scores is not None
+        self._judge_from_sample(hint=f"`spladectl data prepare {self.path} OUT` checks every row before training")
 
     def __len__(self) -> int:
         return self._rows
 
     def _row(self, index: int) -> Example:
-        example = self._read(index)
-        if index >= SAMPLE_ROWS:
-            if len(example.negatives) < self.min_negatives:
-                raise DataError(f"{example.source}: {len(example.negatives)} negative(s), but each of the first "
-                                f"{SAMPLE_ROWS} rows has {self.min_negatives} or more, which training counts on",
-                                hint=f"`spladectl data prepare {self.path} OUT` checks every row before training")
-            require_same_scoring(example, self.first)
-        return example
-
-    def _read(self, index: int) -> Example:
         if self._fd is None:  # per process: DataLoader workers open their own
             self._fd, self._index_fd = os.open(self.path, os.O_RDONLY), os.open(self.index_file, os.O_RDONLY)
         start, line, end = np.frombuffer(os.pread(self._index_fd, 24, self._index_at + 16 * index), dtype=np.int64)

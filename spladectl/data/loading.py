@@ -6,7 +6,14 @@ from pathlib import Path
 from typing import Sequence
 
 from spladectl.data.beir import BeirDataset, is_beir_dir, load_beir
-from spladectl.data.examples import Example, read_jsonl, read_seed_json, read_tsv_triples, select_negatives
+from spladectl.data.examples import (
+    Example,
+    ExamplesOnDemand,
+    read_jsonl,
+    read_seed_json,
+    read_tsv_triples,
+    select_negatives,
+)
 from spladectl.data.mining import cached_hard_negatives
 from spladectl.data.prepared import PreparedExamples, is_prepared
 from spladectl.errors import DataError
@@ -67,22 +74,21 @@ def load_training_data(
     if fmt == "hub":
         from spladectl.data.hub import HubExamples
 
-        examples = HubExamples(str(path), split)  # memory-mapped by `datasets`, rows built when used
-        return examples if n_negatives is None else select_negatives(list(examples), n_negatives)
-    if fmt == "prepared":
-        examples = PreparedExamples(path)  # memory-mapped: nothing is read until a micro-batch needs it
-        return examples if n_negatives is None else select_negatives(list(examples), n_negatives)
-    if fmt == "beir":
+        examples = HubExamples(str(path), split)
+    elif fmt == "prepared":
+        examples = PreparedExamples(path)
+    elif fmt == "beir":
         dataset = load_beir(path, split)
         negatives = cached_hard_negatives(path, split, mine_k, cache_dir=cache_dir, stem=stem,
                                           show_progress=show_progress, dataset=dataset)
         examples = beir_examples(dataset, negatives)
     elif fmt in ("jsonl", "tsv") and _read_by_offset(Path(path)):
-        examples = _indexed(Path(path), fmt, show_progress)  # rows read when used: memory does not grow with the file
-        return examples if n_negatives is None else select_negatives(list(examples), n_negatives)
+        examples = _indexed(Path(path), fmt, show_progress)
     else:
         examples = {"json": read_seed_json, "jsonl": read_jsonl, "tsv": read_tsv_triples}[fmt](path)
-    return select_negatives(examples, n_negatives)
+    if isinstance(examples, ExamplesOnDemand) and n_negatives is None:
+        return examples  # rows built when used: memory does not grow with the data
+    return select_negatives(list(examples), n_negatives)
 
 
 def _read_by_offset(path: Path) -> bool:

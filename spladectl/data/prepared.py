@@ -21,10 +21,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 from spladectl.data._io import iter_json_array, iter_jsonl, iter_lines, where
-from spladectl.data.cache import write_atomically
+from spladectl.data.cache import swap_in, write_atomically
 from spladectl.data.examples import Example, ExamplesOnDemand, _example, _tsv_example, require_same_scoring
 from spladectl.errors import DataError, SpladectlError
 
@@ -128,11 +128,7 @@ def prepare(source: str | Path, out: str | Path, *, fmt: str, progress: Callable
                 "source_bytes": stat.st_size}
     write_atomically(work / MANIFEST, lambda fh: fh.write((json.dumps(manifest, indent=2) + "\n").encode()))
     (work / PROGRESS).unlink()
-    aside = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(aside)
-    work.rename(out)
-    shutil.rmtree(aside, ignore_errors=True)
+    swap_in(work, out)
     if progress:
         progress(state["rows"])
     return manifest
@@ -195,7 +191,7 @@ def _record_batch(pa, examples: list[Example]):
 
 
 class PreparedExamples(ExamplesOnDemand):
-    """The examples of a prepared directory, memory-mapped: `len()`, and an Example built per index on demand."""
+    """The examples of a prepared directory: `len()`, and an Example built per index on demand from its record batch."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -257,18 +253,3 @@ class PreparedExamples(ExamplesOnDemand):
 
     def __repr__(self) -> str:
         return f"PreparedExamples({str(self.path)!r}, {len(self)} rows)"
-
-
-def min_negatives(examples: Sequence[Example]) -> int:
-    """The fewest negatives any example has: from the manifest of prepared data, from its sample for a file read by
-    offset (data/indexed.py), else a scan."""
-    if hasattr(examples, "min_negatives"):
-        return int(examples.min_negatives)
-    return min(len(e.negatives) for e in examples)
-
-
-def all_have_teacher_scores(examples: Sequence[Example]) -> bool:
-    if hasattr(examples, "has_teacher_scores"):
-        return bool(examples.has_teacher_scores)
-    return all(e.teacher_scores is not None for e in examples)
-

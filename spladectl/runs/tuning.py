@@ -243,22 +243,22 @@ def run_study(experiment: Experiment, study, settings: TuneSettings, metric: str
         trial.set_user_attr("run", run_id)
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         retried = _retry_of(study, trial.number)
-        log(f"trial {trial.number}: " + ", ".join(f"{k}={_short(v)}" for k, v in values.items())
+        log(f"trial {trial.number}: {format_params(values)}"
             + (f" (trial {retried} again: its worker died)" if retried is not None else ""))
         if run_dir.exists():
             raise SpladectlError(f"{run_dir}: exists already; a trial's run needs a new directory")
         link = {"study": study.study_name, "number": trial.number, "storage": masked(settings.storage),
                 "state": "running"}
         run_dir.mkdir(parents=True)
+        options = {**experiment.base, **values}
         RunRecord(id=run_id, dir=str(run_dir.resolve()), sweep=study.study_name, point=point, trial=link,
-                  options={**experiment.base, **values}, runs_root=str(root.resolve())).save()
+                  options=options, runs_root=str(root.resolve())).save()
         reporter = ReportToTrial(trial, metric) if settings.pruner != "none" else None
         if reporter is not None:
             pm.register(reporter, name=f"spladectl-tune-trial-{trial.number}")
         try:
-            train({**experiment.base, **values}, RunTarget(dir=run_dir, id=run_id, sweep=study.study_name,
-                                                          point=point, settings={**experiment.base, **values},
-                                                          experiment=experiment.path, trial=link))
+            train(options, RunTarget(dir=run_dir, id=run_id, sweep=study.study_name, point=point, settings=options,
+                                     experiment=experiment.path, trial=link))
         except BaseException as exc:
             from spladectl.runs.lifecycle import describe_error
 
@@ -340,8 +340,9 @@ def _mark(run_dir: Path, *, state: str, status: str | None = None, **extra: Any)
     record.save()
 
 
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def format_params(params: dict[str, Any]) -> str:
+    """`lr=0.0001363, n_negatives=2`: a trial's parameters, floats to 4 significant digits."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 def study_status(study, settings: TuneSettings, metric: str | None = None) -> dict[str, Any]:
