@@ -17,6 +17,7 @@ Differences from reading the file whole (what `spladectl data prepare` avoids by
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Callable
@@ -111,11 +112,8 @@ class IndexedExamples(ExamplesOnDemand):
         return _example(json_object(text, at), at)
 
     def __reduce__(self):
-        # DataLoader workers map the same index file and open the data file themselves.
-        return (IndexedExamples, (str(self.path), self.fmt), {"index_file": str(self.index_file)})
-
-    def __setstate__(self, state) -> None:
-        pass  # __reduce__'s call has rebuilt everything
+        # A DataLoader worker reads the same index file (no lookup, no scan) and opens its own file descriptors.
+        return (functools.partial(IndexedExamples, index_file=str(self.index_file)), (str(self.path), self.fmt))
 
     def __repr__(self) -> str:
         return f"IndexedExamples({str(self.path)!r}, {len(self)} rows)"
