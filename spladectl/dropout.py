@@ -83,21 +83,25 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    plain = (dropout == 0.0 or query.device.type != "cpu" or key.shape[1] != query.shape[1]
+    plain = (dropout == 0.0 or dropout >= 1.0 or query.device.type != "cpu" or key.shape[1] != query.shape[1]
              or kwargs.get("position_bias") is not None or kwargs.get("is_causal")
              or getattr(module, "is_causal", False))
     if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    # Both scales act on the (B, heads, T, head size) operands, not on the T × T scores and probabilities: the query
+    # before its product, the dropout's 1/(1 - p) after the product with the values. Each saves a pass over B·heads·T²
+    # elements forward and backward (a quarter of the element-wise attention work at T = 256, head size 64).
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    scores = torch.matmul(query * scale, key.transpose(-1, -2))
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            # In place: the product's backward needs its operands, not its result.
+            scores.masked_fill_(attention_mask.logical_not(), torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask
-    probs = fast_dropout(torch.softmax(scores, dim=-1), dropout)
-    output = torch.matmul(probs.to(value.dtype), value)
+    probs = torch.softmax(scores, dim=-1).masked_fill(_drop_mask(scores.shape, dropout, scores.device), 0)
+    output = torch.matmul(probs.to(value.dtype), value) * (1.0 / (1.0 - dropout))
     return output.transpose(1, 2).contiguous(), None
 
 

@@ -10,16 +10,24 @@ accelerators), keeps only their max over each example's tokens, and back-propaga
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-# On CPU the projection runs tile by tile of the vocabulary, each tile against one example's tokens at a time.
+# On CPU the projection runs tile by tile of the vocabulary, each tile against blocks of tokens.
 # Measured (splade-tiny head, 64 documents of ≤ 320 tokens, fp32, 2 threads, no grad) on a 2-core AMD EPYC (AVX2):
 # 2048-row tiles 1.46 s, 1024 1.55 s, against 4.93 s for the token-chunked loop below with 32-token chunks (2.9 s
 # with 128): that loop re-reads the whole 15.6 MB projection from memory for every chunk of tokens. On a Xeon with
 # AMX the tiles also made whole training steps faster (fp32 -10%, bf16 -4%, measured 2026-12-01).
 DEFAULT_VOCAB_TILE = 2048
-# Tokens per matmul in those tiles: texts packed back to back (see _max_by_vocabulary_tile).
+# Tokens per matmul in those tiles (see _length_groups).
 CPU_TOKEN_BLOCK = 512
+# bf16/fp16 products are half the bytes and AMX multiplies faster than the result is written, so larger blocks pay:
+# the head forward of a SciFact step (16 queries, 32 documents) took 79 ms with 1024-row blocks and 4096-row tiles,
+# 91 ms with 512 and 4096, 103 ms with 512 and 2048 (bf16, 2 threads, Xeon with AMX, 2026-12-03); in float32 512 and
+# 2048 stayed the best (276 ms; 283 with 4096-row tiles, 334 with 256-row blocks).
+LOW_PRECISION_VOCAB_TILE = 4096
+LOW_PRECISION_TOKEN_BLOCK = 1024
 # On GPUs per-example tiles would only add kernel launches: chunks of tokens (examples packed back to back) against
 # the whole vocabulary, 512 × 30522 bf16 being 31 MB. Not measured here (no GPU).
 DEFAULT_GPU_CHUNK_SIZE = 512
@@ -106,10 +114,9 @@ class SpladeMaxHead(torch.autograd.Function):
         V = weight.shape[0]
         dtype = _compute_dtype(hidden, weight)
         mask = attention_mask.bool()
-        # Real tokens packed in example order, so padding costs nothing and each example is one contiguous run.
+        # Real tokens in example order: each example is one contiguous run of `positions`.
         positions = mask.reshape(-1).nonzero().squeeze(1)
         lengths = mask.sum(1).tolist()
-        packed = hidden.reshape(B * T, H).index_select(0, positions).to(dtype)
         starts = [0]
         for n in lengths:
             starts.append(starts[-1] + n)
@@ -117,15 +124,21 @@ class SpladeMaxHead(torch.autograd.Function):
         out_dtype = _output_dtype(weight.dtype)
         on_cpu = hidden.device.type == "cpu"
         out = None
-        if on_cpu and dtype == torch.bfloat16:
-            out = _positive_max_bf16(packed, weight, bias, starts, chunk_size or DEFAULT_VOCAB_TILE)
-        if out is None:
-            w = weight.to(dtype)
+        if on_cpu:
+            low_precision = dtype in (torch.bfloat16, torch.float16)
+            groups = _length_groups(lengths, starts, LOW_PRECISION_TOKEN_BLOCK if low_precision else CPU_TOKEN_BLOCK,
+                                    pad_to=_LOW_PRECISION_ROWS if low_precision else 1)
+            rows = hidden.reshape(B * T, H).index_select(0, positions.index_select(0, groups.rows)).to(dtype)
+            tile = chunk_size or (LOW_PRECISION_VOCAB_TILE if low_precision else DEFAULT_VOCAB_TILE)
+            if dtype == torch.bfloat16:
+                out = _positive_max_bf16(rows, weight, bias, groups, tile)
+            if out is None:
+                best = _max_by_vocabulary_tile(rows, _cast_weight(weight, dtype), groups, tile)
+        else:
+            packed = hidden.reshape(B * T, H).index_select(0, positions).to(dtype)
             best = torch.full((B, V), float("-inf"), dtype=dtype, device=hidden.device)
-            if on_cpu:
-                _max_by_vocabulary_tile(packed, w, starts, best, chunk_size or DEFAULT_VOCAB_TILE)
-            else:
-                _max_by_token_chunk(packed, w, starts, best, chunk_size or DEFAULT_GPU_CHUNK_SIZE)
+            _max_by_token_chunk(packed, weight.to(dtype), starts, best, chunk_size or DEFAULT_GPU_CHUNK_SIZE)
+        if out is None:
             # The bias is per term, so it commutes with the max over tokens: add it to B×V values, not B×T×V.
             out = torch.relu(best.to(out_dtype) + bias.to(out_dtype))
         out = out.to(out_dtype)
@@ -180,64 +193,101 @@ class SpladeMaxHead(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
-def _token_blocks(packed, starts, pad_to: int = 1) -> list:
-    """The packed tokens in blocks of CPU_TOKEN_BLOCK rows, each with the (example, first row, end row) segments of
-    the texts it holds (texts back to back, a text may straddle two blocks). The last block is padded with zero rows
-    (in no text's segment) to a multiple of `pad_to`."""
-    n_rows = starts[-1]
-    blocks = []
-    for r0 in range(0, n_rows, CPU_TOKEN_BLOCK):
-        r1 = min(r0 + CPU_TOKEN_BLOCK, n_rows)
-        rows = packed[r0:r1]
-        if (r1 - r0) % pad_to:
-            rows = torch.cat([rows, rows.new_zeros(-(r1 - r0) % pad_to, rows.shape[1])])
-        segments = [(b, max(starts[b], r0) - r0, min(starts[b + 1], r1) - r0)
-                    for b in range(len(starts) - 1) if max(starts[b], r0) < min(starts[b + 1], r1)]
-        blocks.append((rows, segments))
-    return blocks
+class _Groups:
+    """The layout of the CPU head's rows: texts sorted longest first, in groups of texts padded to one length.
+
+    A group is `n` texts of `length` rows each, back to back from its first row, then rows up to a multiple of
+    `pad_to` (n · length ≤ `block` rows unless one text alone is longer). A text shorter than its group's length is padded
+    with copies of its own first token, which leave its max unchanged, so the max over a group's tokens is a single
+    reduction of a (n, length, tile) view. `rows` indexes the packed real tokens (see SpladeMaxHead.forward) for each
+    row of the layout; `order` are the texts in layout order (texts without tokens are in no group).
+    """
+
+    def __init__(self, rows: torch.Tensor, order: list[int], groups: list[tuple[int, int, int, int, int]],
+                 n_texts: int, block: int):
+        self.rows, self.order, self.groups, self.n_texts, self.block = rows, order, groups, n_texts, block
 
 
-# oneDNN keeps a compiled kernel (≈1.5 MB) per bf16/fp16 matmul shape it meets; rounding the last token block up to
-# a multiple of this keeps the shapes few, so RSS does not grow with every new length.
-_LOW_PRECISION_ROWS = 32
+def _length_groups(lengths: list[int], starts: list[int], block: int, pad_to: int = 1) -> _Groups:
+    order = sorted((b for b in range(len(lengths)) if lengths[b] > 0), key=lambda b: -lengths[b])
+    index: list[int] = []
+    groups = []  # (first row, end row, first text in `order`, texts, length)
+    i = 0
+    while i < len(order):
+        length = lengths[order[i]]
+        n = max(1, min(len(order) - i, block // length))
+        first_row = len(index)
+        for b in order[i : i + n]:
+            index.extend(range(starts[b], starts[b + 1]))
+            index.extend([starts[b]] * (length - lengths[b]))
+        index.extend([starts[order[i]]] * (-(n * length) % pad_to))
+        groups.append((first_row, len(index), i, n, length))
+        i += n
+    return _Groups(torch.tensor(index, dtype=torch.long), order, groups, len(lengths), block)
 
 
-def _max_by_vocabulary_tile(packed, w, starts, best, tile: int, compare_as: torch.dtype | None = None) -> None:
-    # Tile-major: a (tile, H) slice of the projection stays in cache while the tokens pass through it in blocks, and
-    # each (block, tile) product is reduced right after the matmul that wrote it, while it is still in cache. One
-    # text at a time (a few hundred rows) left the GEMM at ~170 GFLOPS where 512-row blocks reach ~190 (2-core Xeon,
-    # fp32, measured 2026-12-03). `compare_as` reads `best` and the products as another dtype of the same width
-    # before taking maxima (int16 keys: see _positive_max_bf16).
-    low_precision = w.dtype in (torch.bfloat16, torch.float16)
-    blocks = _token_blocks(packed, starts, _LOW_PRECISION_ROWS if low_precision else 1)
-    compare_as = compare_as or best.dtype
-    keys = best.view(compare_as)
-    for v0 in range(0, w.shape[0], tile):
+# oneDNN keeps a compiled kernel (≈1.5 MB) per bf16/fp16 matmul shape it meets; rounding each group's rows up to a
+# multiple of this keeps the shapes few, so RSS does not grow with every new length.
+_LOW_PRECISION_ROWS = 128
+
+
+def _max_by_vocabulary_tile(rows, w, groups: _Groups, tile: int, compare_as: torch.dtype | None = None,
+                            floor: float = float("-inf")) -> torch.Tensor:
+    """(texts, V) maxima over each text's rows of rows @ w.T, and `floor` for texts without rows.
+
+    Tile-major: a (tile, H) slice of the projection stays in cache while the groups pass through it, and each
+    (group, tile) product is reduced right after the matmul that wrote it, while it is still in cache, straight into
+    its place in the result: one matmul and one reduction per pair, however many texts a group holds (per-text
+    reductions cost a dispatch each; with OMP_WAIT_POLICY=PASSIVE each also woke the thread pool). Blocks of a few
+    hundred rows keep the GEMM near its best (~190 GFLOPS in fp32 on a 2-core Xeon, against ~170 for one text at a
+    time). `compare_as`
+    reads the products as another dtype of the same width before taking maxima (int16 keys: _positive_max_bf16).
+    """
+    compare_as = compare_as or w.dtype
+    V = w.shape[0]
+    found = torch.empty(len(groups.order), V, dtype=w.dtype, device=rows.device)
+    keys = found.view(compare_as)
+    for v0 in range(0, V, tile):
         w_tile = w[v0 : v0 + tile]
-        for rows, segments in blocks:
-            logits = torch.nn.functional.linear(rows, w_tile).view(compare_as)  # (block, tile)
-            for b, s0, s1 in segments:
-                target = keys[b, v0 : v0 + tile]
-                torch.maximum(target, logits[s0:s1].amax(0), out=target)
+        for first_row, end, first, n, length in groups.groups:
+            target = keys[first : first + n, v0 : v0 + tile]
+            if n * length <= groups.block:
+                logits = torch.nn.functional.linear(rows[first_row:end], w_tile).view(compare_as)
+                torch.amax(logits[: n * length].view(n, length, -1), dim=1, out=target)
+                continue
+            # One text longer than a block: its rows in blocks, maxima combined.
+            for r0 in range(0, length, groups.block):
+                r1 = min(r0 + groups.block, length)
+                logits = torch.nn.functional.linear(rows[first_row + r0 : first_row + r1], w_tile).view(compare_as)
+                if r0 == 0:
+                    torch.amax(logits, dim=0, keepdim=True, out=target)
+                else:
+                    torch.maximum(target, logits.amax(0, keepdim=True), out=target)
+    best = torch.full((groups.n_texts, V), floor, dtype=w.dtype, device=rows.device)
+    if groups.order:
+        best.index_copy_(0, torch.tensor(groups.order, device=rows.device), found)
+    return best
 
 
-def _positive_max_bf16(packed, weight, bias, starts, tile: int) -> torch.Tensor | None:
-    """bf16 on CPU: max(0, max over each text's tokens of packed @ weight.T + bias) as (B, V) bf16, or None when an
+def _positive_max_bf16(rows, weight, bias, groups: _Groups, tile: int) -> torch.Tensor | None:
+    """bf16 on CPU: max(0, max over each text's rows of rows @ weight.T + bias) as (B, V) bf16, or None when an
     operand is not finite (the caller then takes the float path).
 
     A bf16 max over tokens ran at a sixth of the speed of an int16 one (Xeon with AMX, 2026-12-03), and with AMX it
     cost as much as the matmul before it. Non-negative bf16 values order like their bit patterns read as int16, and
-    every negative value reads as a negative int16; so against a floor of +0.0 (the int16 0) the int16 max of the bits
-    is the bits of the float max. A NaN with its sign bit set (x86's default NaN) would read as a negative number and
-    vanish, hence the finiteness check. The max must include the bias to be compared with zero, so the bias rides in
-    the matmul as an operand column (_with_bias_column).
+    every negative value reads as a negative int16; so the int16 max of the bits, clamped at the int16 0 (+0.0), is
+    the bits of the float max clamped at zero. A NaN with its sign bit set (x86's default NaN) would read as a
+    negative number and vanish, hence the finiteness check. The max must include the bias to be compared with zero,
+    so the bias rides in the matmul as an operand column (_with_bias_column).
     """
-    rows, w_bias = _with_bias_column(packed, weight, bias, torch.bfloat16)
-    if not (bool(torch.isfinite(rows).all()) and bool(torch.isfinite(w_bias).all())):
+    rows, w_bias = _with_bias_column(rows, weight, bias, torch.bfloat16)
+    # A sum is finite only if every term is (and it overflows float32 only for values no model has): one pass that
+    # writes nothing, where isfinite().all() wrote a mask. A false alarm would only cost the float path's speed.
+    if not (bool(torch.isfinite(rows.sum(dtype=torch.float32))) and bool(torch.isfinite(
+            w_bias.sum(dtype=torch.float32)))):
         return None
-    best = torch.zeros(len(starts) - 1, weight.shape[0], dtype=torch.bfloat16, device=packed.device)  # +0.0: key 0
-    _max_by_vocabulary_tile(rows, w_bias, starts, best, tile, compare_as=torch.int16)
-    return best
+    best = _max_by_vocabulary_tile(rows, w_bias, groups, tile, compare_as=torch.int16, floor=0.0)
+    return best.view(torch.int16).clamp_min_(0).view(torch.bfloat16)
 
 
 # Columns appended to the head's operands to carry the bias: a 1 (or the bias) and zeros up to a multiple of 32,
@@ -246,16 +296,51 @@ def _positive_max_bf16(packed, weight, bias, starts, tile: int) -> torch.Tensor 
 _BIAS_COLUMNS = 32
 
 
-def _with_bias_column(packed, weight, bias, dtype):
-    """(rows | 1 0…0) and (weight | bias 0…0) in `dtype`: their product is packed @ weight.T + bias, summed in the
-    matmul's accumulator. Each operand is written once, cast on the way in."""
-    rows = packed.new_zeros(packed.shape[0], packed.shape[1] + _BIAS_COLUMNS, dtype=dtype)
-    rows[:, : packed.shape[1]] = packed
-    rows[:, packed.shape[1]] = 1
-    w_bias = weight.new_zeros(weight.shape[0], weight.shape[1] + _BIAS_COLUMNS, dtype=dtype)
-    w_bias[:, : weight.shape[1]] = weight
-    w_bias[:, weight.shape[1]] = bias
-    return rows, w_bias
+def _with_bias_column(rows, weight, bias, dtype):
+    """(rows | 1 0…0) and (weight | bias 0…0) in `dtype`: their product is rows @ weight.T + bias, summed in the
+    matmul's accumulator. Each operand is written once, cast on the way in; the weight's copy is kept while the
+    weight is unchanged (a step encodes queries and documents with the same weights)."""
+    padded = rows.new_zeros(rows.shape[0], rows.shape[1] + _BIAS_COLUMNS, dtype=dtype)
+    padded[:, : rows.shape[1]] = rows
+    padded[:, rows.shape[1]] = 1
+
+    def build():
+        w_bias = weight.new_zeros(weight.shape[0], weight.shape[1] + _BIAS_COLUMNS, dtype=dtype)
+        w_bias[:, : weight.shape[1]] = weight
+        w_bias[:, weight.shape[1]] = bias
+        return w_bias
+
+    return padded, _weight_cache.get((weight, bias, dtype, "bias-column"), build)
+
+
+def _cast_weight(weight, dtype):
+    if weight.dtype == dtype:
+        return weight
+    return _weight_cache.get((weight, None, dtype, "cast"), lambda: weight.to(dtype))
+
+
+class _WeightCache:
+    """One derived copy of the projection (cast, or with its bias column) per kind, rebuilt when the weight or bias
+    changes. The same tensor objects (held weakly), storage and autograd's version counter say "unchanged": an
+    optimizer step or a load (in-place) bumps the version."""
+
+    def __init__(self):
+        self._entries: dict[tuple, tuple] = {}
+
+    def get(self, key, build):
+        weight, bias, dtype, kind = key
+        sources = tuple(t for t in (weight, bias) if t is not None)
+        stamp = tuple((t.data_ptr(), t._version) for t in sources)
+        entry = self._entries.get((dtype, kind))
+        if (entry is not None and entry[1] == stamp and len(entry[0]) == len(sources)
+                and all(ref() is t for ref, t in zip(entry[0], sources))):
+            return entry[2]
+        value = build()
+        self._entries[(dtype, kind)] = (tuple(weakref.ref(t) for t in sources), stamp, value)
+        return value
+
+
+_weight_cache = _WeightCache()
 
 
 def _max_by_token_chunk(packed, w, starts, best, chunk: int) -> None:

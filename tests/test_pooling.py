@@ -80,44 +80,57 @@ def test_efficient_head_equals_naive(kind, chunk_size):
         _assert_close(grad, ref_grad)
 
 
-@pytest.mark.parametrize("kind", ["none", "right", "left", "empty-row"])
+@pytest.mark.parametrize("kind", ["none", "right", "left", "empty-row", "uneven"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_vocabulary_tiles_and_token_chunks_find_the_same_maxima(kind, dtype, monkeypatch):
-    # The CPU tiles the vocabulary, accelerators chunk the tokens; both strategies run here on the CPU, against the
-    # masked max of the full logits. A CPU token block of 3 rows makes texts straddle blocks; in bf16 the last block
-    # is padded with zero rows that belong to no text.
-    from spladectl import pooling
-    from spladectl.pooling import _max_by_token_chunk, _max_by_vocabulary_tile
+def test_vocabulary_tiles_and_token_chunks_find_the_same_maxima(kind, dtype):
+    # The CPU tiles the vocabulary over texts grouped by length (padded with copies of their own first token), and
+    # accelerators chunk the packed tokens; both strategies run here on the CPU, against the masked max of the full
+    # logits. A CPU block of 3 rows puts each text longer than that alone, in blocks of rows; a block of 8 groups
+    # texts of unequal length; in bf16 each group is padded to 32 rows.
+    from spladectl.pooling import _length_groups, _max_by_token_chunk, _max_by_vocabulary_tile
 
-    mask = _mask(kind)
+    mask = _uneven_mask() if kind == "uneven" else _mask(kind)
     hidden, weight, _, _ = (t.detach().to(dtype) for t in _inputs())
     logits = (hidden.float() @ weight.float().T).masked_fill(~mask.bool().unsqueeze(-1), float("-inf"))
     expected = logits.max(1).values
     packed = hidden.reshape(B * T, H)[mask.reshape(-1).bool()]
+    lengths = mask.sum(1).tolist()
     starts = [0, *mask.sum(1).cumsum(0).tolist()]
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for fill, size, block in [(_max_by_vocabulary_tile, 7, 3), (_max_by_vocabulary_tile, 2048, 3),
-                              (_max_by_vocabulary_tile, 2048, 512), (_max_by_token_chunk, 5, None),
-                              (_max_by_token_chunk, 512, None)]:
-        monkeypatch.setattr(pooling, "CPU_TOKEN_BLOCK", block)
-        best = torch.full((B, V), float("-inf"), dtype=dtype)
-        fill(packed, weight, starts, best, size)
+    pad_to = 1 if dtype == torch.float32 else 32
+    for fill, size, block in [("tile", 7, 3), ("tile", 2048, 3), ("tile", 7, 8), ("tile", 2048, 512),
+                              ("chunk", 5, None), ("chunk", 512, None)]:
+        if fill == "tile":
+            groups = _length_groups(lengths, starts, block, pad_to=pad_to)
+            assert sorted(groups.order) == [b for b in range(B) if lengths[b]]
+            best = _max_by_vocabulary_tile(packed.index_select(0, groups.rows), weight, groups, size)
+        else:
+            best = torch.full((B, V), float("-inf"), dtype=dtype)
+            _max_by_token_chunk(packed, weight, starts, best, size)
         assert torch.equal(best.isneginf(), expected.isneginf())  # only a text without tokens has no max
         real = ~expected.isneginf()
         _assert_close(best.float()[real], expected[real], rtol=tol)
 
 
-@pytest.mark.parametrize("kind", ["none", "right", "left", "empty-row"])
-@pytest.mark.parametrize("block", [3, 512])
-def test_bf16_positive_max_on_int16_keys_equals_the_float_max(kind, block, monkeypatch):
+def _uneven_mask() -> torch.Tensor:
+    # Lengths 12, 5, 3, 9: groups of a block of 8 rows mix texts of different lengths.
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, n in enumerate((12, 5, 3, 9)):
+        mask[b, :n] = 1
+    return mask
+
+
+@pytest.mark.parametrize("kind", ["none", "right", "left", "empty-row", "uneven"])
+@pytest.mark.parametrize("block", [3, 8, 512])
+def test_bf16_positive_max_on_int16_keys_equals_the_float_max(kind, block):
     # The bf16 CPU path compares bit patterns as int16 against a floor of +0.0; the reference takes the float max of
     # the same bf16 logits (bias included, as the path computes them) and clamps it at zero.
     from spladectl import pooling
 
-    monkeypatch.setattr(pooling, "CPU_TOKEN_BLOCK", block)
-    mask = _mask(kind)
+    mask = _uneven_mask() if kind == "uneven" else _mask(kind)
     hidden, weight, bias, _ = (t.detach().to(torch.bfloat16) for t in _inputs(seed=4))
     packed = hidden.reshape(B * T, H)[mask.reshape(-1).bool()]
+    lengths = mask.sum(1).tolist()
     starts = [0, *mask.sum(1).cumsum(0).tolist()]
     logits = torch.nn.functional.linear(packed, weight, bias).float()
     expected = torch.zeros(B, V)
@@ -125,7 +138,8 @@ def test_bf16_positive_max_on_int16_keys_equals_the_float_max(kind, block, monke
         if starts[b + 1] > starts[b]:
             expected[b] = logits[starts[b] : starts[b + 1]].max(0).values.clamp_min(0)
     assert 0.05 < (expected > 0).float().mean() < 0.95  # positive and negative maxima both occur
-    best = pooling._positive_max_bf16(packed, weight, bias, starts, 7)
+    groups = pooling._length_groups(lengths, starts, block, pad_to=32)
+    best = pooling._positive_max_bf16(packed.index_select(0, groups.rows), weight, bias, groups, 7)
     assert best.dtype == torch.bfloat16
     assert torch.equal(best.float(), expected)
 
@@ -268,3 +282,32 @@ def test_splade_tiny_bf16_close_to_fp32(tiny):
     _assert_close(out, ref, rtol=5e-2)
     top_ref, top_out = set(ref[0].topk(10).indices.tolist()), set(out[0].topk(10).indices.tolist())
     assert len(top_ref & top_out) >= 8
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_copy_of_the_projection_follows_the_weights(dtype, monkeypatch):
+    # The head keeps its cast copy of the projection between calls (queries and documents of a step share it); an
+    # optimizer's in-place update must replace it, and a new weight tensor must never reuse it.
+    from spladectl import pooling
+
+    hidden, weight, bias, _ = (t.detach() for t in _inputs(seed=6))
+    mask = _mask("right")
+
+    def head(w, b):
+        with torch.autocast("cpu", dtype=dtype):
+            return efficient_splade_pool(hidden, w, b, mask)
+
+    def uncached(w, b):
+        monkeypatch.setattr(pooling, "_weight_cache", pooling._WeightCache())
+        return head(w, b)
+
+    first = head(weight, bias)
+    assert torch.equal(head(weight, bias), first)
+    with torch.no_grad():
+        weight.mul_(-1.5)  # in place, as AdamW updates it
+        bias.add_(0.5)
+    second = head(weight, bias)
+    assert not torch.equal(second, first)
+    assert torch.equal(second, uncached(weight, bias))
+    other = weight.clone() * 0.5
+    assert torch.equal(head(other, bias), uncached(other, bias))
