@@ -34,6 +34,7 @@ class TrainConfig:
     tf32: bool = False
     gradient_checkpointing: bool = False
     memory_efficient_head: bool = True
+    compile: bool = False  # torch.compile the encoder (slower on CPUs measured so far; see docs/training.md)
     dataloader_workers: int = 0
     max_query_length: int = 64
     max_doc_length: int = 256

@@ -168,6 +168,10 @@ class Trainer:
         ).to(self.device)
         if self.device.type == "cpu":
             model.use_cpu_dropout()
+        if config.compile:
+            problem = model.compile_encoder()
+            if problem is not None:
+                self.log(f"note: --compile: torch cannot compile on this machine ({problem}); training uncompiled")
         if self.world.distributed:
             # Every process starts from the same weights (DDP also broadcasts rank 0's); dropout draws its own masks.
             seed_everything(config.seed + 7919 * self.world.rank)

@@ -235,6 +235,22 @@ class SpladeEncoder(nn.Module):
         else:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
+    def compile_encoder(self) -> str | None:
+        """Compile the transformer body (and a BERT head's per-token transform) with torch.compile, in place, so the
+        weights keep their names. Shapes are dynamic from the start, since every batch pads to its own length.
+
+        Returns None when compiled, or why torch cannot compile on this machine (no C++ compiler, an unsupported
+        Python), leaving the model as it was. The vocabulary projection and its max are spladectl's own tiled loop
+        (see pooling.py) and stay as they are.
+        """
+        problem = compiler_problem(self.device)
+        if problem is not None:
+            return problem
+        self.model.base_model.compile(dynamic=True)
+        if self.head_kind == "bert":
+            self.model.cls.predictions.transform.compile(dynamic=True)
+        return None
+
     def use_cpu_dropout(self) -> bool:
         """Cheaper dropout masks for training on CPU (see spladectl.dropout); True when attention uses them too."""
         from spladectl.dropout import use_cpu_dropout
@@ -332,3 +348,15 @@ class SpladeEncoder(nn.Module):
         finally:
             self.train(was_training)
         return out
+
+
+def compiler_problem(device: torch.device | str = "cpu") -> str | None:
+    """Why torch.compile cannot work here, found by compiling a two-op function on `device` (a few seconds), or
+    None when it can."""
+    try:
+        compiled = torch.compile(lambda x: torch.nn.functional.gelu(x) * 2.0, dynamic=False)
+        compiled(torch.ones(8, device=device))
+    except Exception as exc:  # noqa: BLE001 - whatever the compiler stack raises, the answer is "not here"
+        lines = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {lines[0] if lines else 'no detail'}"
+    return None

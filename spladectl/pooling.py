@@ -304,8 +304,11 @@ def _with_bias_column(rows, weight, bias, dtype):
     padded[:, : rows.shape[1]] = rows
     padded[:, rows.shape[1]] = 1
 
-    def build():
-        w_bias = weight.new_zeros(weight.shape[0], weight.shape[1] + _BIAS_COLUMNS, dtype=dtype)
+    def build(previous):
+        shape = (weight.shape[0], weight.shape[1] + _BIAS_COLUMNS)
+        # Rewritten in place after each update: its zero columns stay zero, and a fresh 10 MB buffer every step would
+        # be zero-filled and page-faulted again.
+        w_bias = previous if previous is not None and previous.shape == shape else weight.new_zeros(shape, dtype=dtype)
         w_bias[:, : weight.shape[1]] = weight
         w_bias[:, weight.shape[1]] = bias
         return w_bias
@@ -316,13 +319,14 @@ def _with_bias_column(rows, weight, bias, dtype):
 def _cast_weight(weight, dtype):
     if weight.dtype == dtype:
         return weight
-    return _weight_cache.get((weight, None, dtype, "cast"), lambda: weight.to(dtype))
+    return _weight_cache.get((weight, None, dtype, "cast"), lambda previous: weight.to(dtype))
 
 
 class _WeightCache:
     """One derived copy of the projection (cast, or with its bias column) per kind, rebuilt when the weight or bias
     changes. The same tensor objects (held weakly), storage and autograd's version counter say "unchanged": an
-    optimizer step or a load (in-place) bumps the version."""
+    optimizer step or a load (in-place) bumps the version. `build(previous)` makes the copy, and may write it into
+    the previous one, which no caller holds beyond a forward."""
 
     def __init__(self):
         self._entries: dict[tuple, tuple] = {}
@@ -335,7 +339,7 @@ class _WeightCache:
         if (entry is not None and entry[1] == stamp and len(entry[0]) == len(sources)
                 and all(ref() is t for ref, t in zip(entry[0], sources))):
             return entry[2]
-        value = build()
+        value = build(entry[2] if entry is not None else None)
         self._entries[(dtype, kind)] = (tuple(weakref.ref(t) for t in sources), stamp, value)
         return value
 

@@ -53,6 +53,7 @@ class TrainRequest:
     max_doc_length: int | None = None
     memory_efficient: bool = False
     memory_tracking: bool = False
+    compile: bool = False
     # the loss and the optimizer
     lr: float | None = None
     scheduler: str | None = None
@@ -136,4 +137,5 @@ def make_config(request: TrainRequest, settings: Mapping[str, Any], *, profile: 
         config.output_dir = str(request.output_dir)
     if request.memory_efficient:
         config.gradient_checkpointing = True
+    config.compile = request.compile
     return config

@@ -7,13 +7,15 @@ from typer.testing import CliRunner
 
 
 def pytest_collection_modifyitems(config, items):
-    """Soak tests run only when asked for (`pytest -m soak`): they take tens of minutes."""
-    if "soak" in (config.getoption("markexpr") or ""):
-        return
-    skip = pytest.mark.skip(reason="a soak test: run it with `pytest -m soak`")
-    for item in items:
-        if "soak" in item.keywords:
-            item.add_marker(skip)
+    """Soak and compile tests run only when asked for (`pytest -m soak`, `-m compiles`): they take minutes."""
+    selected = config.getoption("markexpr") or ""
+    for marker, why in (("soak", "a soak test"), ("compiles", "compiles with torch.compile")):
+        if marker in selected:
+            continue
+        skip = pytest.mark.skip(reason=f"{why}: run it with `pytest -m {marker}`")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -50,7 +50,7 @@ def make_config(settings: BenchSettings, precision: str, batch_size: int, total_
     from spladectl.request import TrainRequest, make_config as config_of
 
     request = TrainRequest(model=settings.model, output_dir=output_dir, max_steps=total_steps, seed=settings.seed,
-                           n_negatives=1)
+                           n_negatives=1, compile=settings.compile)
     hardware = {"device": settings.device, "precision": precision, "batch_size": batch_size, "grad_accum": 1,
                 "tf32": settings.tf32, "gradient_checkpointing": settings.gradient_checkpointing,
                 "memory_efficient_head": settings.memory_efficient_head,
@@ -237,7 +237,7 @@ def bench_precision(settings: BenchSettings, precision: str, examples, pm, log: 
         "tokenize_s": round(tokenize, 4),
         "tokenize_in": "prefetch thread" if settings.dataloader_workers == 0 else "dataloader workers",
         "optimizer": optimizer, "gradient_checkpointing": settings.gradient_checkpointing,
-        "memory_efficient_head": settings.memory_efficient_head, "model": settings.model,
+        "memory_efficient_head": settings.memory_efficient_head, "compile": settings.compile, "model": settings.model,
         "max_query_length": settings.max_query_length, "max_doc_length": settings.max_doc_length,
         "threads": torch.get_num_threads(), "last_loss": metrics.get("loss"),
         # CPU time of this process over (wall time × threads) in the timed steps: well below 1 on a CPU device

@@ -67,6 +67,7 @@ def train(
     plugin: list[str] = typer.Option([], "--plugin", help="module:object to register as a plugin for this run (repeatable)."),
     memory_tracking: bool = typer.Option(False, "--memory-tracking", help="Record per-step memory peaks and print a summary."),
     memory_efficient: bool = typer.Option(False, "--memory-efficient", help="Also checkpoint the encoder's activations (slower, much less memory)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the encoder (the first step compiles for up to a minute). Measured slower on CPUs, so off by default; try it on a GPU. Without a working compiler, training goes on uncompiled with a note."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="BEIR directory to evaluate on during training."),
     eval_split: str = typer.Option("test", "--eval-split", help="qrels split of --eval-data."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", min=1, help="Evaluate every N optimizer steps; the best model goes to RUN_DIR/best."),
