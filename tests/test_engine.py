@@ -243,3 +243,13 @@ def test_out_of_memory_at_micro_batch_one_stops_clearly(tmp_path, pm, registered
                       log=lambda _: None)
     with pytest.raises(SpladectlError, match="out of memory at micro-batch 1"):
         trainer.fit()
+
+
+def test_on_a_cpu_device_batches_are_tokenized_in_the_training_thread(tmp_path, pm):
+    # A prefetch thread competes with the step's own threads for the cores on a CPU device, which cost more than the
+    # tokenizing it hid; accelerators keep it (tests/test_batches.py covers the thread itself).
+    from spladectl.batches import Prefetcher
+
+    trainer = Trainer(config(tmp_path, max_steps=2), examples(), pm=pm, progress=False)
+    trainer.step()
+    assert trainer._batches is not None and not isinstance(trainer._batches, Prefetcher)

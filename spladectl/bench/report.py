@@ -74,8 +74,9 @@ def render_table(rows: list[dict[str, Any]], console) -> None:
                               f"{len(r['max_batch_probes'])} probes" + (" (none fitted)" if r["max_batch_size"] is None
                                                                         else ""))
         tok = first["tokenize_s"]
-        where = ("in a prefetch thread, overlapping the step (dataloader workers 0)"
-                 if first["tokenize_in"] == "prefetch thread" else "in dataloader workers")
+        where = {"prefetch thread": "in a prefetch thread, overlapping the step (dataloader workers 0)",
+                 "training thread": "inside the step, in the training thread (CPU device, dataloader workers 0)",
+                 }.get(first["tokenize_in"], "in dataloader workers")
         console.print(f"tokenizing one batch: {1e3 * tok:.1f} ms, {where}")
     for r in ok:
         if r.get("note"):

@@ -94,7 +94,8 @@ def optimizer_description(optimizer: torch.optim.Optimizer) -> str:
 
 def tokenize_seconds(collator, examples, batch_size: int, seed: int, repeats: int = 3) -> float:
     """Median time to produce one tokenized micro-batch through the engine's data path in this process (what a step
-    costs in the prefetch thread when dataloader workers are 0, or a worker per batch)."""
+    costs inside the step on a CPU device, in the prefetch thread on an accelerator when dataloader workers are 0, or
+    a worker per batch)."""
     from spladectl.batches import micro_batches
 
     batches = micro_batches(examples, collator, batch_size=batch_size, seed=seed, epoch=0, workers=0, prefetch=False)
@@ -235,7 +236,8 @@ def bench_precision(settings: BenchSettings, precision: str, examples, pm, log: 
         "step_flops": step_flops, "flops_source": flops_source, "achieved_flops_per_s": achieved,
         "matmul_peak_flops_per_s": peaks[precision], "matmul_share": round(achieved / peaks[precision], 4),
         "tokenize_s": round(tokenize, 4),
-        "tokenize_in": "prefetch thread" if settings.dataloader_workers == 0 else "dataloader workers",
+        "tokenize_in": ("dataloader workers" if settings.dataloader_workers else
+                        "training thread" if device.type == "cpu" else "prefetch thread"),
         "optimizer": optimizer, "gradient_checkpointing": settings.gradient_checkpointing,
         "memory_efficient_head": settings.memory_efficient_head, "compile": settings.compile, "model": settings.model,
         "max_query_length": settings.max_query_length, "max_doc_length": settings.max_doc_length,
