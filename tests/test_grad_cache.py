@@ -272,3 +272,30 @@ def test_the_cli_and_experiment_files_take_the_option(cli, tmp_path):
     exp = load_experiment(path, command)
     assert [p.settings["grad_cache_chunk"] for p in exp.points] == [16, 32]
     assert options.argv_for(command, exp.points[0].settings) == ["--batch-size", "128", "--grad-cache-chunk", "16"]
+
+
+def test_memory_efficient_caches_gradients_only_past_one_chunk(tmp_path, pm):
+    # --memory-efficient: checkpointing always, gradient caching in chunks of 32 texts once a micro-batch has more
+    # documents than that (below, caching would only encode every text twice); an explicit chunk is kept.
+    from spladectl.request import MEMORY_EFFICIENT_CHUNK, TrainRequest, make_config
+
+    def resolved(batch_size, **given):
+        request = TrainRequest(memory_efficient=True, n_negatives=1, **given)
+        return make_config(request, {"batch_size": batch_size}, profile="cpu")
+
+    small = resolved(MEMORY_EFFICIENT_CHUNK // 2)  # exactly one chunk of documents
+    assert small.gradient_checkpointing and small.grad_cache_chunk is None
+    large = resolved(MEMORY_EFFICIENT_CHUNK // 2 + 1)
+    assert large.gradient_checkpointing and large.grad_cache_chunk == MEMORY_EFFICIENT_CHUNK
+    assert resolved(64, grad_cache_chunk=8).grad_cache_chunk == 8
+    assert make_config(TrainRequest(n_negatives=1), {"batch_size": 64}, profile="cpu").grad_cache_chunk is None
+
+
+def test_memory_efficient_training_runs_with_cached_gradients(cli, tmp_path):
+    # A real run past the threshold: 17 examples and one negative each are 34 documents, in chunks of 32.
+    out = tmp_path / "run"
+    result = cli("train", "--max-steps", "1", "--batch-size", "17", "--memory-efficient", "--no-progress",
+                 "--output-dir", str(out), "--runs-root", str(tmp_path / "runs"))
+    assert result.exit_code == 0, result.output
+    config = (out / "config.toml").read_text()
+    assert "grad_cache_chunk = 32" in config and "gradient_checkpointing = true" in config

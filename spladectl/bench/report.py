@@ -33,7 +33,9 @@ def render_table(rows: list[dict[str, Any]], console) -> None:
         caption = (f"{first['model']}, batch {first['batch_size']}, query/doc ≤ {first['max_query_length']}/"
                    f"{first['max_doc_length']} tokens, {_threads(first['threads'])}, median of {first['steps']} steps "
                    f"after {first['warmup']} warm-up; {first['optimizer']}"
-                   f"{'; encoder compiled' if first.get('compile') else ''}")
+                   f"{'; encoder compiled' if first.get('compile') else ''}"
+                   f"{'; gradient checkpointing' if first.get('gradient_checkpointing') else ''}"
+                   f"{'; gradient caching in chunks of ' + str(first['grad_cache_chunk']) + ' texts' if first.get('grad_cache_chunk') else ''}")
     table = Table(title=f"spladectl bench on {first['device']}", caption=caption, box=box.SIMPLE_HEAD)
     show_max = any("max_batch_size" in r for r in ok)
     columns = ["precision", "step (s)", "examples/s", "speed-up", f"peak {ok[0]['memory_kind'] if ok else 'memory'}",

@@ -32,6 +32,7 @@ class BenchSettings:
     tf32: bool = False
     gradient_checkpointing: bool = False
     memory_efficient_head: bool = True
+    memory_efficient: bool = False  # as `train --memory-efficient`: checkpointing and gradient caching
     compile: bool = False  # torch.compile the encoder, as `train --compile`
     dataloader_workers: int = 0
     find_max_batch: bool = False

@@ -50,7 +50,7 @@ def make_config(settings: BenchSettings, precision: str, batch_size: int, total_
     from spladectl.request import TrainRequest, make_config as config_of
 
     request = TrainRequest(model=settings.model, output_dir=output_dir, max_steps=total_steps, seed=settings.seed,
-                           n_negatives=1, compile=settings.compile)
+                           n_negatives=1, compile=settings.compile, memory_efficient=settings.memory_efficient)
     hardware = {"device": settings.device, "precision": precision, "batch_size": batch_size, "grad_accum": 1,
                 "tf32": settings.tf32, "gradient_checkpointing": settings.gradient_checkpointing,
                 "memory_efficient_head": settings.memory_efficient_head,
@@ -189,6 +189,7 @@ def bench_precision(settings: BenchSettings, precision: str, examples, pm, log: 
     try:
         baseline = current_memory(device)
         optimizer = optimizer_description(run.state.optimizer)
+        trained_as = run.state.config  # what the options resolved to (--memory-efficient sets two of them)
         memory = PeakMemory(device)
         times, metrics = [], {}
         memory.start()
@@ -238,7 +239,8 @@ def bench_precision(settings: BenchSettings, precision: str, examples, pm, log: 
         "tokenize_s": round(tokenize, 4),
         "tokenize_in": ("dataloader workers" if settings.dataloader_workers else
                         "training thread" if device.type == "cpu" else "prefetch thread"),
-        "optimizer": optimizer, "gradient_checkpointing": settings.gradient_checkpointing,
+        "optimizer": optimizer, "gradient_checkpointing": trained_as.gradient_checkpointing,
+        "grad_cache_chunk": trained_as.grad_cache_chunk,
         "memory_efficient_head": settings.memory_efficient_head, "compile": settings.compile, "model": settings.model,
         "max_query_length": settings.max_query_length, "max_doc_length": settings.max_doc_length,
         "threads": torch.get_num_threads(), "last_loss": metrics.get("loss"),

@@ -30,6 +30,7 @@ def bench(
     memory_budget: Optional[float] = typer.Option(None, "--memory-budget", min=0.01, help="GiB for --find-max-batch (default: 90% of the GPU, or 80% of this process's RSS plus available RAM)."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute encoder activations in backward (default: from the profile)."),
     memory_efficient_head: bool = typer.Option(True, "--memory-efficient-head/--plain-head", help="The chunked SPLADE head (default) or full logits + max-pool."),
+    memory_efficient: bool = typer.Option(False, "--memory-efficient", help="As `train --memory-efficient`: gradient checkpointing, and gradient caching in chunks of 32 texts when a batch has more documents (with --find-max-batch: the largest batch in the least memory)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the encoder, as `train --compile` does; the compiling step is a warm-up step, so give --warmup 2 or more."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice)."),
     top_ops: int = typer.Option(0, "--top-ops", min=0, help="Profile one extra step per precision and list its N most expensive ops."),
@@ -61,7 +62,8 @@ def bench(
         model=model, device=resolved.device, precisions=chosen, batch_size=resolved.batch_size, steps=steps,
         warmup=warmup, max_query_length=resolved.max_query_length, max_doc_length=resolved.max_doc_length,
         tf32=resolved.tf32, gradient_checkpointing=resolved.gradient_checkpointing,
-        memory_efficient_head=memory_efficient_head, compile=compile, dataloader_workers=resolved.dataloader_workers,
+        memory_efficient_head=memory_efficient_head, memory_efficient=memory_efficient, compile=compile,
+        dataloader_workers=resolved.dataloader_workers,
         find_max_batch=find_max_batch, memory_budget_gb=memory_budget, top_ops=top_ops, profile_step=profile_step, data=data,
         profile=resolved.name, seed=seed, threads=threads,
     )

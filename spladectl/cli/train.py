@@ -66,7 +66,7 @@ def train(
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue a run exactly: 'latest' (the newest run, or the one in --output-dir), a run id, or a checkpoint directory."),
     plugin: list[str] = typer.Option([], "--plugin", help="module:object to register as a plugin for this run (repeatable)."),
     memory_tracking: bool = typer.Option(False, "--memory-tracking", help="Record per-step memory peaks and print a summary."),
-    memory_efficient: bool = typer.Option(False, "--memory-efficient", help="Also checkpoint the encoder's activations (slower, much less memory)."),
+    memory_efficient: bool = typer.Option(False, "--memory-efficient", help="The least memory per example, paid in time: checkpoint the encoder's activations, and when a micro-batch has more than 32 documents, encode it in chunks of 32 texts (gradient caching; --grad-cache-chunk sets another size)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the encoder (the first step compiles for up to a minute). Measured slower on CPUs, so off by default; try it on a GPU. Without a working compiler, training goes on uncompiled with a note."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="BEIR directory to evaluate on during training."),
     eval_split: str = typer.Option("test", "--eval-split", help="qrels split of --eval-data."),
