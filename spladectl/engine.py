@@ -43,7 +43,7 @@ from spladectl.distributed import World
 from spladectl.errors import CollapseError, NonFiniteError, SpladectlError
 from spladectl.losses import LossInputs, chance_loss, contrastive_loss, flops_warmup_steps
 from spladectl.model import SpladeEncoder
-from spladectl.precision import autocast_dtype, low_precision_matmuls
+from spladectl.precision import autocast_dtype, low_precision_matmuls, set_tf32
 
 # Names of the parts of a step in a torch.profiler trace (`spladectl bench --profile-step` adds them up); a
 # record_function costs nothing measurable when no profiler is running.
@@ -157,9 +157,7 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.device = distributed.device_for(self.world, torch.device(config.device).type) \
             if self.world.distributed else torch.device(config.device)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = config.tf32
-            torch.backends.cudnn.allow_tf32 = config.tf32
+        set_tf32(self.device.type, config.tf32)
 
         seed_everything(config.seed)
         model = SpladeEncoder.from_pretrained(

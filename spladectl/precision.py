@@ -86,3 +86,14 @@ def _float32_matmul_mode():
             return func(*args, **kwargs)
 
     return Float32Matmuls
+
+
+def set_tf32(device_type: str, enabled: bool) -> None:
+    """TF32 for float32 matmuls and convolutions on a CUDA device (the profiles' `tf32`). Other devices have no TF32
+    mode, and their runs leave the process-wide flags as they were."""
+    if device_type != "cuda":
+        return
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled

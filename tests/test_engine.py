@@ -253,3 +253,36 @@ def test_on_a_cpu_device_batches_are_tokenized_in_the_training_thread(tmp_path, 
     trainer = Trainer(config(tmp_path, max_steps=2), examples(), pm=pm, progress=False)
     trainer.step()
     assert trainer._batches is not None and not isinstance(trainer._batches, Prefetcher)
+
+
+def test_tf32_follows_the_profile_on_cuda_and_is_left_alone_elsewhere():
+    # No GPU here: the device type is given, and the flags are torch's process-wide ones, which exist without CUDA.
+    from spladectl.precision import set_tf32
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        set_tf32("cuda", True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        set_tf32("cpu", False)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        set_tf32("cuda", False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_adamw_is_fused_where_the_device_has_the_kernel_and_foreach_elsewhere(tmp_path, pm, monkeypatch):
+    trainer = Trainer(config(tmp_path, max_steps=1), examples(), pm=pm, progress=False)
+    assert trainer.state.optimizer.defaults["fused"]  # the CPU has a fused AdamW, as CUDA does
+    # A device without a fused kernel cannot exist here: AdamW is made to refuse fused=True the way torch does.
+    real = torch.optim.AdamW
+
+    def without_fused(params, **kwargs):
+        if kwargs.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", without_fused)
+    other = Trainer(config(tmp_path / "b", max_steps=1), examples(), pm=pm, progress=False)
+    assert other.state.optimizer.defaults["foreach"] and not other.state.optimizer.defaults.get("fused")
+    other.step()
