@@ -197,10 +197,10 @@ class _Groups:
     """The layout of the CPU head's rows: texts sorted longest first, in groups of texts padded to one length.
 
     A group is `n` texts of `length` rows each, back to back from its first row, then rows up to a multiple of
-    `pad_to` (n · length ≤ `block` rows unless one text alone is longer). A text shorter than its group's length is padded
-    with copies of its own first token, which leave its max unchanged, so the max over a group's tokens is a single
-    reduction of a (n, length, tile) view. `rows` indexes the packed real tokens (see SpladeMaxHead.forward) for each
-    row of the layout; `order` are the texts in layout order (texts without tokens are in no group).
+    `pad_to` (n · length ≤ `block` rows unless one text alone is longer). A text shorter than its group's length is
+    padded with copies of its own first token, which leave its max unchanged, so the max over a group's tokens is a
+    single reduction of a (n, length, tile) view. `rows` indexes the packed real tokens (see SpladeMaxHead.forward)
+    for each row of the layout; `order` are the texts in layout order (texts without tokens are in no group).
     """
 
     def __init__(self, rows: torch.Tensor, order: list[int], groups: list[tuple[int, int, int, int, int]],
@@ -240,8 +240,8 @@ def _max_by_vocabulary_tile(rows, w, groups: _Groups, tile: int, compare_as: tor
     its place in the result: one matmul and one reduction per pair, however many texts a group holds (per-text
     reductions cost a dispatch each; with OMP_WAIT_POLICY=PASSIVE each also woke the thread pool). Blocks of a few
     hundred rows keep the GEMM near its best (~190 GFLOPS in fp32 on a 2-core Xeon, against ~170 for one text at a
-    time). `compare_as`
-    reads the products as another dtype of the same width before taking maxima (int16 keys: _positive_max_bf16).
+    time). `compare_as` reads the products as another dtype of the same width before taking maxima (int16 keys:
+    _positive_max_bf16).
     """
     compare_as = compare_as or w.dtype
     V = w.shape[0]

@@ -30,12 +30,13 @@ def render_table(rows: list[dict[str, Any]], console) -> None:
     first = ok[0] if ok else rows[0]
     caption = None
     if ok:
+        extras = [text for text, on in (("encoder compiled", first.get("compile")),
+                                        ("gradient checkpointing", first.get("gradient_checkpointing")),
+                                        (f"gradient caching in chunks of {first.get('grad_cache_chunk')} texts",
+                                         first.get("grad_cache_chunk"))) if on]
         caption = (f"{first['model']}, batch {first['batch_size']}, query/doc ≤ {first['max_query_length']}/"
                    f"{first['max_doc_length']} tokens, {_threads(first['threads'])}, median of {first['steps']} steps "
-                   f"after {first['warmup']} warm-up; {first['optimizer']}"
-                   f"{'; encoder compiled' if first.get('compile') else ''}"
-                   f"{'; gradient checkpointing' if first.get('gradient_checkpointing') else ''}"
-                   f"{'; gradient caching in chunks of ' + str(first['grad_cache_chunk']) + ' texts' if first.get('grad_cache_chunk') else ''}")
+                   f"after {first['warmup']} warm-up; " + "; ".join([first["optimizer"], *extras]))
     table = Table(title=f"spladectl bench on {first['device']}", caption=caption, box=box.SIMPLE_HEAD)
     show_max = any("max_batch_size" in r for r in ok)
     columns = ["precision", "step (s)", "examples/s", "speed-up", f"peak {ok[0]['memory_kind'] if ok else 'memory'}",
