@@ -39,10 +39,12 @@ def _soak(tmp_path: Path, steps: int, every: int) -> None:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     # Memory: RSS swings by ~15% from step to step (batches of other lengths, memory handed back to the system), so
-    # the envelope is compared: its peak and median over the last tenth of the steps stay within 5% of those over
-    # the second tenth (the first is the allocator and caches warming up).
+    # the envelope is compared: the peak over the last tenth of the steps, and its median, stay within 5% of the peak
+    # over the second tenth (the first is the allocator and caches warming up). Steps sit at two levels about 9%
+    # apart, and how many of a window's 15 steps sit at the upper one varies, so one window's median against another
+    # window's median failed now and then on code without any leak; a leak lifts every step, the peak too.
     early, late = rss_window(rows, 1), rss_window(rows, 9)
-    assert late["max"] <= 1.05 * early["max"] and late["median"] <= 1.05 * early["median"], (early, late)
+    assert late["max"] <= 1.05 * early["max"] and late["median"] <= 1.05 * early["max"], (early, late)
     # Retention: the newest KEEP checkpoints and nothing else; disk use is theirs plus one model and the logs.
     checkpoints = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir())
     assert checkpoints == [steps - every * k for k in reversed(range(KEEP))]
