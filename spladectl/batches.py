@@ -263,6 +263,14 @@ class Prefetcher:
         self._thread.join(timeout=5)
 
 
+def tokenizes_ahead(device_type: str) -> bool:
+    """Whether a run on this device type tokenizes the next micro-batches in a prefetch thread (with no DataLoader
+    workers). It pays where the step runs elsewhere (a GPU). On a CPU device the step's own threads fill every core,
+    and the thread preempting them cost more than it saved: 2-core Xeon, SciFact batch 16, tokenizing inside the step
+    took 5–10% less time per step in float32 and 4–5% in bf16 than a prefetch thread did (2026-12-03)."""
+    return device_type != "cpu"
+
+
 def micro_batches(
     examples: list[Example], collator: Collator, *, batch_size: int, seed: int, epoch: int, start: int = 0,
     workers: int = 0, world_size: int = 1, rank: int = 0, prefetch: bool = True, pin_memory: bool = False,

@@ -77,7 +77,8 @@ class CpuDropout(nn.Dropout):
 def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
               **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention, but with `fast_dropout` on the attention probabilities while training on CPU.
+    """transformers' SDPA attention, but with `keep_mask`'s dropout on the attention probabilities while training on
+    CPU (its 1/(1 - p) applied to their product with the values).
 
     Without dropout (evaluation, p = 0) or off CPU it is SDPA itself; with dropout SDPA runs its unfused math path
     on CPU anyway, which this repeats with the cheaper mask. Cases this does not write out (grouped key/value heads,

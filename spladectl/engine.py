@@ -34,7 +34,7 @@ from torch.profiler import record_function
 
 from spladectl import checkpoint as ckpt
 from spladectl import collapse, distributed
-from spladectl.batches import Collator, MicroBatch, micro_batches, micro_batches_per_epoch
+from spladectl.batches import Collator, MicroBatch, micro_batches, micro_batches_per_epoch, tokenizes_ahead
 from spladectl.config import TrainConfig
 from spladectl.data import Example
 from spladectl.data.examples import all_have_teacher_scores, min_negatives
@@ -277,14 +277,10 @@ class Trainer:
         s, c = self.state, self.config
         while True:
             if self._batches is None:
-                # Tokenizing ahead in a thread pays where the step runs elsewhere (a GPU). On a CPU device the step's
-                # own threads fill every core, and the thread preempting them cost more than it saved: 2-core Xeon,
-                # SciFact batch 16, tokenizing inside the step took 5–10% less time per step in float32 and 4–5% in
-                # bf16 than a prefetch thread did (2026-12-03).
                 self._batches = micro_batches(self.examples, self.collator, batch_size=c.batch_size, seed=c.seed,
                                               epoch=s.epoch, start=s.position, workers=c.dataloader_workers,
                                               world_size=self.world.world_size, rank=self.world.rank,
-                                              prefetch=self.device.type != "cpu",
+                                              prefetch=tokenizes_ahead(self.device.type),
                                               pin_memory=self.device.type == "cuda")
             batch = next(self._batches, None)
             if batch is not None:

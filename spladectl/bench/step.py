@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from spladectl.batches import tokenizes_ahead
 from spladectl.bench.device import PeakMemory, current_memory, matmul_peak, memory_kind, release_memory, synchronize
 from spladectl.bench.settings import BenchSettings, Log
 
@@ -238,7 +239,7 @@ def bench_precision(settings: BenchSettings, precision: str, examples, pm, log: 
         "matmul_peak_flops_per_s": peaks[precision], "matmul_share": round(achieved / peaks[precision], 4),
         "tokenize_s": round(tokenize, 4),
         "tokenize_in": ("dataloader workers" if settings.dataloader_workers else
-                        "training thread" if device.type == "cpu" else "prefetch thread"),
+                        "prefetch thread" if tokenizes_ahead(device.type) else "training thread"),
         "optimizer": optimizer, "gradient_checkpointing": trained_as.gradient_checkpointing,
         "grad_cache_chunk": trained_as.grad_cache_chunk,
         "memory_efficient_head": settings.memory_efficient_head, "compile": settings.compile, "model": settings.model,
