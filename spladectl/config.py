@@ -33,6 +33,7 @@ class TrainConfig:
     world_size: int = 1  # training processes, set by torchrun (WORLD_SIZE)
     tf32: bool = False
     gradient_checkpointing: bool = False
+    memory_efficient: bool = False  # checkpointing, and gradient caching past one chunk (engine.MEMORY_EFFICIENT_CHUNK)
     memory_efficient_head: bool = True
     compile: bool = False  # torch.compile the encoder (slower on CPUs measured so far; see docs/training.md)
     dataloader_workers: int = 0

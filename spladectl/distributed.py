@@ -139,9 +139,16 @@ def start(world: World, device_type: str) -> torch.device:
 
 
 def stop() -> None:
+    """Leave the process group at the end of a run, every process at the same point."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "gloo":
+            # gloo frees a finished collective in its own thread, shortly after wait() returns; when that collective
+            # holds Python tensors and the interpreter is already exiting, the thread cannot take the GIL to release
+            # them and the process aborts ("terminate called without an active exception"). A barrier, which holds
+            # none and waits for the collectives before it, is made the last one.
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -112,11 +112,6 @@ class TrainRequest:
                 for f in dataclasses.fields(self) if f.name not in ("given", "command_line")}
 
 
-# Texts per chunk of gradient caching under --memory-efficient (when a micro-batch has more documents): memory then
-# follows the chunk, not --batch-size. bf16, SciFact, batch 128 (Xeon with AMX): 1.19x the step time of checkpointing
-# alone at half its peak RSS; the largest batch within 2 GiB went from 176 to 896 (docs/benchmarks.md).
-MEMORY_EFFICIENT_CHUNK = 32
-
 # Request fields that, when given, replace TrainConfig's default of the same name.
 _OPTIONAL_SETTINGS = ("epochs", "max_steps", "lr", "scheduler", "warmup_ratio", "n_negatives", "lambda_q", "lambda_d",
                       "flops_warmup_steps", "flops_schedule", "regularizer", "distillation", "distillation_weight",
@@ -140,10 +135,7 @@ def make_config(request: TrainRequest, settings: Mapping[str, Any], *, profile: 
     )
     if request.output_dir is not None:
         config.output_dir = str(request.output_dir)
-    if request.memory_efficient:
-        config.gradient_checkpointing = True
-        texts = config.batch_size * (1 + config.n_negatives)
-        if config.grad_cache_chunk is None and texts > MEMORY_EFFICIENT_CHUNK:
-            config.grad_cache_chunk = MEMORY_EFFICIENT_CHUNK
+    # --memory-efficient's checkpointing and gradient-caching chunk are set by the engine, once the data is known.
+    config.memory_efficient = request.memory_efficient
     config.compile = request.compile
     return config

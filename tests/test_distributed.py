@@ -47,9 +47,12 @@ COMPARED = ("loss", "ranking", "flops_q", "flops_d", "grad_norm", "query_dims", 
 # ------------------------------------------------------------------------------------------------ running processes
 
 def process_env(probe_dir: Path | None = None) -> dict[str, str]:
-    """The environment of the processes: tests/ (and `probe_dir`) importable for --plugin, one thread each."""
+    """The environment of the processes: tests/ (and `probe_dir`) importable for --plugin, one thread each, and
+    Python's fault handler on, so that a process killed by a signal (an abort in C++) leaves its Python stacks in the
+    failure message."""
     path = [str(TESTS), str(probe_dir or ""), os.environ.get("PYTHONPATH")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "2000", "PYTHONPATH": os.pathsep.join(filter(None, path))}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "2000", "PYTHONPATH": os.pathsep.join(filter(None, path)),
+           "PYTHONFAULTHANDLER": "1"}
     if probe_dir is not None:
         env[dist_plugins.PROBE_DIR] = str(probe_dir)
     return env
@@ -104,7 +107,7 @@ def torchrun_run(tmp_path_factory, data):
     result = spladectl("train", "--data", str(data), "-o", str(out), *PER_PROCESS, *SMALL, "--max-steps", "4",
                        "--save-every", "2", "--memory-tracking", "--plugin", "dist_plugins:RankProbe",
                        "--plugin", "docs_distributed_example", "--json", torchrun=True, probe_dir=probes)
-    assert result.returncode == 0, " ".join(result.stderr.split())[-3000:]
+    assert result.returncode == 0, " ".join(result.stderr.split())[-8000:]
     return out, probes, result
 
 
@@ -114,7 +117,7 @@ def global_batch_run(tmp_path_factory, data):
     root = tmp_path_factory.mktemp("global-batch")
     result = spladectl("train", "--data", str(data), "-o", str(root / "out"), *PER_PROCESS, *SMALL,
                        "--max-steps", "3", "--plugin", "dist_plugins:NoDropout")
-    assert result.returncode == 0, " ".join(result.stderr.split())[-3000:]
+    assert result.returncode == 0, " ".join(result.stderr.split())[-8000:]
     single = single_process(root / "single", data, batch_size=4, grad_accum=2, max_steps=3)
     return root, metrics(root / "out"), single
 
@@ -127,7 +130,7 @@ def grad_cache_run(tmp_path_factory, data):
     result = spladectl("train", "--data", str(data), "-o", str(root / "out"), *PER_PROCESS, *SMALL,
                        "--max-steps", "3", "--grad-cache-chunk", "1", "--plugin", "dist_plugins:NoDropout",
                        "--plugin", "dist_plugins:PlainSGD")
-    assert result.returncode == 0, " ".join(result.stderr.split())[-3000:]
+    assert result.returncode == 0, " ".join(result.stderr.split())[-8000:]
     single = single_process(root / "single", data, dist_plugins.PlainSGD(), batch_size=4, grad_accum=2, max_steps=3)
     return root, metrics(root / "out"), single
 
@@ -265,7 +268,7 @@ def test_the_documented_distributed_plugin_example_gathers_from_every_rank(torch
 def test_every_rank_stops_early_when_rank_0_decides_to(early_stopping_run):
     # Had rank 1 gone on to step 3, it would have waited there for rank 0, which saved and left: a failed run.
     out, result = early_stopping_run
-    assert result.returncode == 0, " ".join(result.stderr.split())[-3000:]
+    assert result.returncode == 0, " ".join(result.stderr.split())[-8000:]
     assert result.stdout.count("early stopping at step 2") == 1
     assert [r["step"] for r in metrics(out)] == [1, 2]
     assert [json.loads(line)["step"] for line in (out / "eval.jsonl").read_text().splitlines()] == [1, 2]
@@ -280,7 +283,7 @@ def test_every_rank_resumes_from_the_checkpoint_rank_0_wrote(torchrun_run, data,
     shutil.copy(reference / "metrics.jsonl", out / "metrics.jsonl")
     result = spladectl("train", "--data", str(data), "-o", str(out), *PER_PROCESS, *SMALL, "--max-steps", "4",
                        "--resume", "latest")
-    assert result.returncode == 0, " ".join(result.stderr.split())[-3000:]
+    assert result.returncode == 0, " ".join(result.stderr.split())[-8000:]
     assert "resumed from" in result.stdout and result.stdout.count("resumed from") == 1
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(reference)]
     resumed, straight = weights(out / "final"), weights(reference / "final")
@@ -295,7 +298,7 @@ def test_a_distributed_training_is_one_run_written_by_rank_0(data, tmp_path, cli
     root = tmp_path / "runs"
     result = spladectl("train", "--data", str(data), "--runs-root", str(root), "--name", "two", *PER_PROCESS, *SMALL,
                        "--max-steps", "2", "--track", "tensorboard", "--json")
-    assert result.returncode == 0, " ".join(result.stderr.split())[-3000:]
+    assert result.returncode == 0, " ".join(result.stderr.split())[-8000:]
     (run_dir,) = [path for path in root.iterdir() if path.is_dir()]
     record = json.loads((run_dir / "run.json").read_text())
     assert (record["status"], record["world_size"], record["error"]) == ("finished", 2, None)
@@ -474,7 +477,7 @@ def test_two_processes_on_prepared_data_train_as_on_the_file(global_batch_run, d
     prepare(data, tmp_path / "prepared", fmt="jsonl")
     result = spladectl("train", "--data", str(tmp_path / "prepared"), "-o", str(tmp_path / "out"), *PER_PROCESS,
                        *SMALL, "--max-steps", "3", "--plugin", "dist_plugins:NoDropout")
-    assert result.returncode == 0, " ".join(result.stderr.split())[-3000:]
+    assert result.returncode == 0, " ".join(result.stderr.split())[-8000:]
     root, on_the_file, _ = global_batch_run
     assert [(r["loss"], r["grad_norm"]) for r in metrics(tmp_path / "out")] == \
         [(r["loss"], r["grad_norm"]) for r in on_the_file]

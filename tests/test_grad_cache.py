@@ -276,19 +276,32 @@ def test_the_cli_and_experiment_files_take_the_option(cli, tmp_path):
 
 def test_memory_efficient_caches_gradients_only_past_one_chunk(tmp_path, pm):
     # --memory-efficient: checkpointing always, gradient caching in chunks of 32 texts once a micro-batch has more
-    # documents than that (below, caching would only encode every text twice); an explicit chunk is kept.
-    from spladectl.request import MEMORY_EFFICIENT_CHUNK, TrainRequest, make_config
+    # documents than that (below, caching would only encode every text twice); an explicit chunk is kept. The engine
+    # decides once the data is known: asking for more negatives than the data has must not turn caching on.
+    from spladectl.engine import MEMORY_EFFICIENT_CHUNK
+    from spladectl.request import TrainRequest, make_config
 
-    def resolved(batch_size, **given):
-        request = TrainRequest(memory_efficient=True, n_negatives=1, **given)
-        return make_config(request, {"batch_size": batch_size}, profile="cpu")
+    def trained_as(batch_size, n_negatives=1, **given):
+        request = TrainRequest(memory_efficient=True, n_negatives=n_negatives, **given)
+        resolved = make_config(request, {"batch_size": batch_size}, profile="cpu")
+        resolved.output_dir = str(tmp_path / "out")
+        said = []
+        config = Trainer(resolved, examples(), pm=pm, progress=False, log=said.append).config
+        return config, said
 
-    small = resolved(MEMORY_EFFICIENT_CHUNK // 2)  # exactly one chunk of documents
+    small, _ = trained_as(MEMORY_EFFICIENT_CHUNK // 2)  # exactly one chunk of documents
     assert small.gradient_checkpointing and small.grad_cache_chunk is None
-    large = resolved(MEMORY_EFFICIENT_CHUNK // 2 + 1)
+    large, said = trained_as(MEMORY_EFFICIENT_CHUNK // 2 + 1)
     assert large.gradient_checkpointing and large.grad_cache_chunk == MEMORY_EFFICIENT_CHUNK
-    assert resolved(64, grad_cache_chunk=8).grad_cache_chunk == 8
-    assert make_config(TrainRequest(n_negatives=1), {"batch_size": 64}, profile="cpu").grad_cache_chunk is None
+    assert not any("--grad-cache-chunk" in line for line in said), said
+    assert trained_as(64, grad_cache_chunk=8)[0].grad_cache_chunk == 8
+    # 16 × (1 + 3) documents asked for, but the data has one negative per example: 32 documents, one chunk.
+    fewer, said = trained_as(MEMORY_EFFICIENT_CHUNK // 2, n_negatives=3)
+    assert fewer.n_negatives == 1 and fewer.grad_cache_chunk is None
+    assert not any("--grad-cache-chunk" in line for line in said), said
+    plain = make_config(TrainRequest(n_negatives=1), {"batch_size": 64}, profile="cpu")
+    plain.output_dir = str(tmp_path / "plain")
+    assert Trainer(plain, examples(), pm=pm, progress=False).config.grad_cache_chunk is None
 
 
 def test_memory_efficient_training_runs_with_cached_gradients(cli, tmp_path):
