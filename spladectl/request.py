@@ -135,7 +135,8 @@ def make_config(request: TrainRequest, settings: Mapping[str, Any], *, profile: 
     )
     if request.output_dir is not None:
         config.output_dir = str(request.output_dir)
-    # --memory-efficient's checkpointing and gradient-caching chunk are set by the engine, once the data is known.
-    config.memory_efficient = request.memory_efficient
+    if request.memory_efficient:
+        # Its gradient-caching chunk is chosen by the engine, once the data's negatives per example are known.
+        config.memory_efficient = config.gradient_checkpointing = True
     config.compile = request.compile
     return config
