@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from spladectl import bert
 from spladectl.config import TrainConfig
 from spladectl.errors import SpladectlError
 from spladectl.pooling import efficient_splade_pool, splade_max_pool
@@ -57,16 +58,22 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def _load_hf(name: str):
-    """(AutoModelForMaskedLM, tokenizer, resolved path); a model that cannot be loaded is a SpladectlError."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+def _load(name: str, native: bool):
+    """(masked-LM model, tokenizer, resolved path); a model that cannot be loaded is a SpladectlError. The model is
+    spladectl's own BERT (spladectl.bert) when `native` and the checkpoint is one it implements exactly, else
+    transformers' AutoModelForMaskedLM."""
+    from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
     if os.path.exists(path) and not os.path.isdir(path):
         raise SpladectlError(f"model {name!r}: {path} is a file, expected a model directory")
     try:
         with _quiet_local_loading(os.path.isdir(path)):
-            model = AutoModelForMaskedLM.from_pretrained(path)
+            model = bert.load(path) if native and os.path.isdir(path) else None
+            if model is None:
+                from transformers import AutoModelForMaskedLM
+
+                model = AutoModelForMaskedLM.from_pretrained(path)
             tokenizer = AutoTokenizer.from_pretrained(path)
     except SpladectlError:
         raise
@@ -156,6 +163,7 @@ class SpladeEncoder(nn.Module):
         rows = output_embeddings.weight.shape[0] if output_embeddings is not None else self.config.vocab_size
         self.vocab_size = int(rows)
         self.chunk_size = chunk_size
+        self.native = isinstance(model, bert.BertMaskedLM)
         self.head_kind = _head_kind(model) if memory_efficient_head else None
         self.memory_efficient_head = self.head_kind is not None
         metadata = dict(metadata or {})
@@ -179,10 +187,15 @@ class SpladeEncoder(nn.Module):
         gradient_checkpointing: bool = False,
         device: str | torch.device | None = None,
         chunk_size: int | None = None,
+        native: bool = True,
     ) -> "SpladeEncoder":
         """Load `splade-tiny`, a local directory or a hub name; a directory written by `save_pretrained` brings back
-        its SPLADE metadata (`max_query_length`, `max_doc_length`, `base_model_name`, `splade_metadata`)."""
-        model, tokenizer, path = _load_hf(name)
+        its SPLADE metadata (`max_query_length`, `max_doc_length`, `base_model_name`, `splade_metadata`).
+
+        A BERT masked-LM checkpoint in a local directory runs on spladectl's own implementation (spladectl.bert: same
+        weights and outputs, less memory and time in training); `native=False`, or any other model, uses transformers.
+        """
+        model, tokenizer, path = _load(name, native)
         metadata: dict[str, Any] = {}
         meta_file = Path(path) / SPLADE_CONFIG_NAME
         if meta_file.is_file():
@@ -211,8 +224,11 @@ class SpladeEncoder(nn.Module):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        with _quiet_local_loading(True):  # a one-shard "Writing model shards" bar per checkpoint is noise
+        if self.native:
             self.model.save_pretrained(path)
+        else:
+            with _quiet_local_loading(True):  # a one-shard "Writing model shards" bar per checkpoint is noise
+                self.model.save_pretrained(path)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
         metadata = {
@@ -228,7 +244,10 @@ class SpladeEncoder(nn.Module):
         (path / SPLADE_CONFIG_NAME).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute the encoder layers' activations in backward (HF activation checkpointing, non-reentrant)."""
+        """Recompute the encoder layers' activations in backward (non-reentrant activation checkpointing)."""
+        if self.native:
+            self.model.set_gradient_checkpointing(True)
+            return
         kwargs = {"use_reentrant": False}
         if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -253,6 +272,8 @@ class SpladeEncoder(nn.Module):
 
     def use_cpu_dropout(self) -> bool:
         """Cheaper dropout masks for training on CPU (see spladectl.dropout); True when attention uses them too."""
+        if self.native:
+            return True  # spladectl.bert always draws them so
         from spladectl.dropout import use_cpu_dropout
 
         return use_cpu_dropout(self.model)
@@ -285,7 +306,9 @@ class SpladeEncoder(nn.Module):
         if self.head_kind is None:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
             return splade_max_pool(logits, attention_mask)
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if not self.native:
+            hidden = hidden[0]  # transformers' output object
         decoder = self.model.get_output_embeddings()
         return efficient_splade_pool(
             _transform(self.model, self.head_kind, hidden), decoder.weight, decoder.bias, attention_mask,
