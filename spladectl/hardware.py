@@ -8,6 +8,7 @@ for a missing or broken probe (no NVML, no /proc): it leaves the field at its de
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import platform
 import subprocess
@@ -289,6 +290,15 @@ def _darwin_flags() -> set[str]:
     if _sysctl("hw.optional.arm.FEAT_BF16") == "1":
         return {"bf16"}
     return _torch_cpu_flags()  # an Intel Mac
+
+
+@functools.lru_cache(maxsize=1)
+def has_amx_tiles() -> bool:
+    """Whether this CPU has AMX tiles, as torch's bundled cpuinfo reports (False where it cannot tell); the CPU head
+    sizes its products by it (pooling.cpu_head_layout)."""
+    import torch
+
+    return bool(_safe(lambda: torch.cpu._is_amx_tile_supported(), False))
 
 
 def _torch_cpu_flags() -> set[str]:

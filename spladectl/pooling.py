@@ -11,23 +11,48 @@ accelerators), keeps only their max over each example's tokens, and back-propaga
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 
-# On CPU the projection runs tile by tile of the vocabulary, each tile against blocks of tokens.
-# Measured (splade-tiny head, 64 documents of ≤ 320 tokens, fp32, 2 threads, no grad) on a 2-core AMD EPYC (AVX2):
-# 2048-row tiles 1.46 s, 1024 1.55 s, against 4.93 s for the token-chunked loop below with 32-token chunks (2.9 s
-# with 128): that loop re-reads the whole 15.6 MB projection from memory for every chunk of tokens. On a Xeon with
-# AMX the tiles also made whole training steps faster (fp32 -10%, bf16 -4%, measured 2026-12-01).
-DEFAULT_VOCAB_TILE = 2048
-# Tokens per matmul in those tiles (see _length_groups).
-CPU_TOKEN_BLOCK = 512
-# bf16/fp16 products are half the bytes and AMX multiplies faster than the result is written, so larger blocks pay:
-# the head forward of a SciFact step (16 queries, 32 documents) took 79 ms with 1024-row blocks and 4096-row tiles,
-# 91 ms with 512 and 4096, 103 ms with 512 and 2048 (bf16, 2 threads, Xeon with AMX, 2026-12-03); in float32 512 and
-# 2048 stayed the best (276 ms; 283 with 4096-row tiles, 334 with 256-row blocks).
-LOW_PRECISION_VOCAB_TILE = 4096
-LOW_PRECISION_TOKEN_BLOCK = 1024
+from spladectl.hardware import has_amx_tiles
+
+
+# On CPU the projection runs tile by tile of the vocabulary, each tile against blocks of tokens (_length_groups): a
+# (tile, H) slice of the projection stays in cache while the blocks pass through it. The token-chunked loop used on
+# accelerators (below) re-reads the whole 15.6 MB projection for every chunk: 4.93 s for 64 documents against 1.46 s
+# in tiles (fp32, 2-core AMD EPYC with AVX2). How large a block and a tile should be depends on the CPU: the same
+# sizes were 30% slower on one kind than the best sizes on it.
+class CpuHeadLayout(NamedTuple):
+    block: int  # tokens per matmul
+    tile: int  # vocabulary rows per matmul
+    bias_columns: int  # bf16: columns that carry the bias in the product (_with_bias_column); float32 adds it after
+
+
+# Xeon with AMX, the head forward of a SciFact step (16 queries, 32 documents), 2 threads, 2026-12-03. float32: 276 ms
+# with 512-token blocks and 2048-row tiles, 283 with 4096-row tiles, 334 with 256-token blocks. bf16: AMX multiplies
+# faster than the products are written, so larger blocks pay, and its bf16 tiles are 32 deep: 79 ms with 1024 / 4096,
+# 91 with 512 / 4096, 103 with 512 / 2048.
+AMX_FLOAT32 = CpuHeadLayout(block=512, tile=2048, bias_columns=0)
+AMX_LOW_PRECISION = CpuHeadLayout(block=1024, tile=4096, bias_columns=32)
+# AMD EPYC (Zen 4: AVX512-BF16, no AMX), the same head, calls alternating, 2026-12-04. float32: a block's products
+# should stay in the core's 1 MB of L2 until the max has read them: 512 / 512 took 0.66× the time of 512 / 2048,
+# 1024 / 512 0.67×, 512 / 256 0.75×, 512 / 1024 0.81×. bf16: AVX512-BF16 multiplies pairs, so one bias column and one
+# zero suffice (30 more are 23% more work): 242 ms with 512 / 2048 / 2 columns, 262 with 8 columns, 276 with
+# 1024 / 4096, and 349 with AMX's layout; 512 / 1024 took 1.04× and 512 / 512 1.15× of 512 / 2048. CPUs with AVX2
+# alone are given these layouts too (not measured with the grouped head).
+VECTOR_FLOAT32 = CpuHeadLayout(block=512, tile=512, bias_columns=0)
+VECTOR_LOW_PRECISION = CpuHeadLayout(block=512, tile=2048, bias_columns=2)
+
+
+def cpu_head_layout(dtype: torch.dtype) -> CpuHeadLayout:
+    """The block and tile sizes of the CPU head for products in `dtype` on this CPU."""
+    low_precision = dtype in (torch.bfloat16, torch.float16)
+    if has_amx_tiles():
+        return AMX_LOW_PRECISION if low_precision else AMX_FLOAT32
+    return VECTOR_LOW_PRECISION if low_precision else VECTOR_FLOAT32
+
+
 # On GPUs per-example tiles would only add kernel launches: chunks of tokens (examples packed back to back) against
 # the whole vocabulary, 512 × 30522 bf16 being 31 MB. Not measured here (no GPU).
 DEFAULT_GPU_CHUNK_SIZE = 512
@@ -76,8 +101,8 @@ def efficient_splade_pool(
     `hidden` (B, T, H) is the input of the vocabulary projection, `weight` (V, H) and `bias` (V,) are its parameters.
     Returns log1p(relu(max over real tokens of hidden @ weight.T + bias)) as (B, V) float32, equal in value and
     gradient to `splade_max_pool` on the full logits. Under autocast the projection runs in the autocast dtype.
-    `chunk_size` is the unit of work: vocabulary rows per tile on CPU (default 2048), tokens per chunk on
-    accelerators (default 512).
+    `chunk_size` is the unit of work: vocabulary rows per tile on CPU (default: by CPU and dtype, cpu_head_layout),
+    tokens per chunk on accelerators (default 512).
     """
     if bias is None:
         bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
@@ -125,13 +150,13 @@ class SpladeMaxHead(torch.autograd.Function):
         on_cpu = hidden.device.type == "cpu"
         out = None
         if on_cpu:
+            layout = cpu_head_layout(dtype)
             low_precision = dtype in (torch.bfloat16, torch.float16)
-            groups = _length_groups(lengths, starts, LOW_PRECISION_TOKEN_BLOCK if low_precision else CPU_TOKEN_BLOCK,
-                                    pad_to=_LOW_PRECISION_ROWS if low_precision else 1)
+            groups = _length_groups(lengths, starts, layout.block, pad_to=_LOW_PRECISION_ROWS if low_precision else 1)
+            tile = chunk_size or layout.tile
             rows = hidden.reshape(B * T, H).index_select(0, positions.index_select(0, groups.rows)).to(dtype)
-            tile = chunk_size or (LOW_PRECISION_VOCAB_TILE if low_precision else DEFAULT_VOCAB_TILE)
             if dtype == torch.bfloat16:
-                out = _positive_max_bf16(rows, weight, bias, groups, tile)
+                out = _positive_max_bf16(rows, weight, bias, groups, tile, layout.bias_columns)
             if out is None:
                 best = _max_by_vocabulary_tile(rows, _cast_weight(weight, dtype), groups, tile)
         else:
@@ -269,7 +294,7 @@ def _max_by_vocabulary_tile(rows, w, groups: _Groups, tile: int, compare_as: tor
     return best
 
 
-def _positive_max_bf16(rows, weight, bias, groups: _Groups, tile: int) -> torch.Tensor | None:
+def _positive_max_bf16(rows, weight, bias, groups: _Groups, tile: int, bias_columns: int) -> torch.Tensor | None:
     """bf16 on CPU: max(0, max over each text's rows of rows @ weight.T + bias) as (B, V) bf16, or None when an
     operand is not finite (the caller then takes the float path).
 
@@ -280,7 +305,7 @@ def _positive_max_bf16(rows, weight, bias, groups: _Groups, tile: int) -> torch.
     negative number and vanish, hence the finiteness check. The max must include the bias to be compared with zero,
     so the bias rides in the matmul as an operand column (_with_bias_column).
     """
-    rows, w_bias = _with_bias_column(rows, weight, bias, torch.bfloat16)
+    rows, w_bias = _with_bias_column(rows, weight, bias, torch.bfloat16, bias_columns)
     # A sum is finite only if every term is (and it overflows float32 only for values no model has): one pass that
     # writes nothing, where isfinite().all() wrote a mask. A false alarm would only cost the float path's speed.
     if not (bool(torch.isfinite(rows.sum(dtype=torch.float32))) and bool(torch.isfinite(
@@ -290,22 +315,20 @@ def _positive_max_bf16(rows, weight, bias, groups: _Groups, tile: int) -> torch.
     return best.view(torch.int16).clamp_min_(0).view(torch.bfloat16)
 
 
-# Columns appended to the head's operands to carry the bias: a 1 (or the bias) and zeros up to a multiple of 32,
-# AMX's bf16 tile depth. A (512 × 160) · (160 × 2048) bf16 matmul took 0.31 ms where the same product with a bias
-# argument took 0.43 ms (oneDNN first copies the bias into every output row) and without bias 0.25 ms (Xeon with AMX).
-_BIAS_COLUMNS = 32
-
-
-def _with_bias_column(rows, weight, bias, dtype):
-    """(rows | 1 0…0) and (weight | bias 0…0) in `dtype`: their product is rows @ weight.T + bias, summed in the
-    matmul's accumulator. Each operand is written once, cast on the way in; the weight's copy is kept while the
-    weight is unchanged (a step encodes queries and documents with the same weights)."""
-    padded = rows.new_zeros(rows.shape[0], rows.shape[1] + _BIAS_COLUMNS, dtype=dtype)
+# Why the bias rides in the product instead of being passed to it: a (512 × 160) · (160 × 2048) bf16 matmul took
+# 0.31 ms where the same product with a bias argument took 0.43 ms (oneDNN first copies the bias into every output
+# row) and without bias 0.25 ms (Xeon with AMX).
+def _with_bias_column(rows, weight, bias, dtype, columns: int):
+    """(rows | 1 0…0) and (weight | bias 0…0) in `dtype`, `columns` wider (CpuHeadLayout.bias_columns): their
+    product is rows @ weight.T + bias, summed in the matmul's accumulator. Each operand is written once, cast on the
+    way in; the weight's copy is kept while the weight is unchanged (a step encodes queries and documents with the
+    same weights)."""
+    padded = rows.new_zeros(rows.shape[0], rows.shape[1] + columns, dtype=dtype)
     padded[:, : rows.shape[1]] = rows
     padded[:, rows.shape[1]] = 1
 
     def build(previous):
-        shape = (weight.shape[0], weight.shape[1] + _BIAS_COLUMNS)
+        shape = (weight.shape[0], weight.shape[1] + columns)
         # Rewritten in place after each update: its zero columns stay zero, and a fresh 10 MB buffer every step would
         # be zero-filled and page-faulted again.
         w_bias = previous if previous is not None and previous.shape == shape else weight.new_zeros(shape, dtype=dtype)
@@ -313,7 +336,7 @@ def _with_bias_column(rows, weight, bias, dtype):
         w_bias[:, weight.shape[1]] = bias
         return w_bias
 
-    return padded, _weight_cache.get((weight, bias, dtype, "bias-column"), build)
+    return padded, _weight_cache.get((weight, bias, dtype, ("bias-column", columns)), build)
 
 
 def _cast_weight(weight, dtype):

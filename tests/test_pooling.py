@@ -122,7 +122,8 @@ def _uneven_mask() -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["none", "right", "left", "empty-row", "uneven"])
 @pytest.mark.parametrize("block", [3, 8, 512])
-def test_bf16_positive_max_on_int16_keys_equals_the_float_max(kind, block):
+@pytest.mark.parametrize("bias_columns", [2, 32])
+def test_bf16_positive_max_on_int16_keys_equals_the_float_max(kind, block, bias_columns):
     # The bf16 CPU path compares bit patterns as int16 against a floor of +0.0; the reference takes the float max of
     # the same bf16 logits (bias included, as the path computes them) and clamps it at zero.
     from spladectl import pooling
@@ -139,9 +140,66 @@ def test_bf16_positive_max_on_int16_keys_equals_the_float_max(kind, block):
             expected[b] = logits[starts[b] : starts[b + 1]].max(0).values.clamp_min(0)
     assert 0.05 < (expected > 0).float().mean() < 0.95  # positive and negative maxima both occur
     groups = pooling._length_groups(lengths, starts, block, pad_to=32)
-    best = pooling._positive_max_bf16(packed.index_select(0, groups.rows), weight, bias, groups, 7)
+    best = pooling._positive_max_bf16(packed.index_select(0, groups.rows), weight, bias, groups, 7, bias_columns)
     assert best.dtype == torch.bfloat16
     assert torch.equal(best.float(), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_head_layouts_agree_in_value_and_gradient(dtype, monkeypatch):
+    # AMX and other CPUs size the head's products differently (token blocks, vocabulary tiles, bf16 bias columns);
+    # which layout runs depends on the machine, so both run here. Texts longer than either block and a vocabulary of
+    # several tiles make the two layouts group and tile differently.
+    from spladectl import pooling
+
+    g = torch.Generator().manual_seed(8)
+    lengths, hidden_size, vocab = (1100, 700, 40, 513, 3), 16, 9000
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    hidden = torch.randn(len(lengths), max(lengths), hidden_size, generator=g, requires_grad=True)
+    weight = (torch.randn(vocab, hidden_size, generator=g) * 0.3).requires_grad_()
+    bias = (torch.randn(vocab, generator=g) - 2.5).requires_grad_()
+    upstream = torch.rand(len(lengths), vocab, generator=g)
+    ref, ref_grads = _value_and_grads(lambda h, w, b: naive_splade_pool(h @ w.T + b, mask), [hidden, weight, bias],
+                                      upstream)
+    assert 0.05 < (ref > 0).float().mean() < 0.95
+    results = []
+    for amx in (True, False):
+        monkeypatch.setattr(pooling, "has_amx_tiles", lambda amx=amx: amx)
+        layout = pooling.cpu_head_layout(dtype)
+        assert layout.block < max(lengths) and layout.tile < vocab
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            results.append(_value_and_grads(lambda h, w, b: efficient_splade_pool(h, w, b, mask),
+                                            [hidden, weight, bias], upstream))
+    (amx, amx_grads), (vector, vector_grads) = results
+    if dtype == torch.float32:
+        for out, grads in results:
+            _assert_close(out, ref)
+            for grad, ref_grad in zip(grads, ref_grads):
+                _assert_close(grad, ref_grad)
+        return
+    # The same bf16 products summed in fp32 (here: bit for bit; another kernel may sum in another order, at most one
+    # bf16 rounding apart), and both near the float32 formula.
+    _assert_close(vector, amx, rtol=2**-8)
+    _assert_close(vector, ref, rtol=3e-2)
+    assert (vector > 0).ne(amx > 0).float().mean() < 1e-3
+    for a, v, r in zip(amx_grads, vector_grads, ref_grads):
+        _assert_close(v, a, rtol=2e-2)
+        assert torch.nn.functional.cosine_similarity(v.flatten(), r.flatten(), dim=0) > 0.99
+
+
+def test_cpu_head_layout_follows_the_cpu(monkeypatch):
+    # No machine here has both kinds of CPU: the AMX probe is replaced.
+    from spladectl import pooling
+
+    monkeypatch.setattr(pooling, "has_amx_tiles", lambda: True)
+    assert pooling.cpu_head_layout(torch.float32) == pooling.AMX_FLOAT32
+    assert pooling.cpu_head_layout(torch.bfloat16) == pooling.AMX_LOW_PRECISION
+    assert pooling.cpu_head_layout(torch.float16) == pooling.AMX_LOW_PRECISION
+    monkeypatch.setattr(pooling, "has_amx_tiles", lambda: False)
+    assert pooling.cpu_head_layout(torch.float32) == pooling.VECTOR_FLOAT32
+    assert pooling.cpu_head_layout(torch.bfloat16) == pooling.VECTOR_LOW_PRECISION
 
 
 def test_bf16_head_lets_a_nan_through():

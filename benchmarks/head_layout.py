@@ -1,0 +1,101 @@
+"""The CPU head's layouts (pooling.cpu_head_layout) compared by whole training steps, on this machine.
+
+The SPLADE head multiplies blocks of tokens by tiles of the vocabulary; the best block and tile sizes (and, in bf16,
+how many columns carry the bias) differ between CPUs with AMX and those without. This script trains one Trainer per
+(precision, layout) in one process and steps them in turn, round after round, so that a shared machine's drift
+hits every variant alike; ratios are medians of per-round ratios.
+
+    python benchmarks/head_layout.py --data ../shared/data/scifact --rounds 20
+    python benchmarks/head_layout.py --precisions bf16-mixed --json
+
+Prints each variant's median step time and, per precision, the time of every layout relative to the one this
+machine picks, and bf16-mixed's speed-up over 32-true with each kind of layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from spladectl import pooling
+from spladectl.bench.settings import BenchSettings, parse_precisions
+from spladectl.bench.step import make_config
+from spladectl.data import load_training_data
+from spladectl.engine import Trainer
+from spladectl.plugin_loading import load_plugins
+
+LAYOUTS = {"amx": {"32-true": pooling.AMX_FLOAT32, "low": pooling.AMX_LOW_PRECISION},
+           "vector": {"32-true": pooling.VECTOR_FLOAT32, "low": pooling.VECTOR_LOW_PRECISION}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="../shared/data/scifact", help="training data (any `train --data`)")
+    parser.add_argument("--precisions", default="32-true,bf16-mixed")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds (each steps every variant once)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+
+    precisions = parse_precisions(args.precisions)
+    examples = load_training_data(args.data, n_negatives=1, show_progress=False)
+    steps = args.rounds + args.warmup
+    need = args.batch_size * (steps + 1)
+    examples = (examples * -(-need // len(examples)))[:need]
+    settings = BenchSettings(batch_size=args.batch_size, data=args.data)
+    picked = "amx" if pooling.has_amx_tiles() else "vector"
+    variants = [(p, kind) for p in precisions for kind in LAYOUTS]
+    times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+    pm = load_plugins()
+    original = pooling.cpu_head_layout
+    with tempfile.TemporaryDirectory(prefix="spladectl-head-layout-") as workdir:
+        trainers = {}
+        for i, (precision, kind) in enumerate(variants):
+            config = make_config(settings, precision, args.batch_size, steps, f"{workdir}/{i}")
+            trainers[(precision, kind)] = Trainer(config, examples, pm=pm, log=lambda _: None, progress=False)
+        try:
+            for r in range(steps):
+                for precision, kind in variants:
+                    layout = LAYOUTS[kind]["32-true" if precision == "32-true" else "low"]
+                    pooling.cpu_head_layout = lambda dtype, layout=layout: layout
+                    started = time.perf_counter()
+                    trainers[(precision, kind)].step()
+                    if r >= args.warmup:
+                        times[(precision, kind)].append(time.perf_counter() - started)
+                print(f"round {r + 1}/{steps}", file=sys.stderr, flush=True)
+        finally:
+            pooling.cpu_head_layout = original
+
+    def per_round(a, b) -> float:
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    result = {"machine_picks": picked, "rounds": args.rounds, "batch_size": args.batch_size,
+              "variants": [{"precision": p, "layout": k, "median_step_s": round(statistics.median(times[(p, k)]), 4)}
+                           for p, k in variants],
+              "relative_to_picked": {f"{p} {k}": round(per_round((p, k), (p, picked)), 3) for p, k in variants}}
+    if "32-true" in precisions:
+        result["speedup_over_32_true"] = {f"{p} {k}": round(per_round(("32-true", k), (p, k)), 3)
+                                          for p, k in variants if p != "32-true"}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{args.rounds} rounds, batch {args.batch_size}, {torch.get_num_threads()} threads; "
+          f"this machine picks the {picked} layouts")
+    print("| precision | layout | median step s | time ÷ picked layout's (per round) |")
+    print("|---|---|---:|---:|")
+    for p, k in variants:
+        print(f"| {p} | {k} | {statistics.median(times[(p, k)]):.3f} | {result['relative_to_picked'][f'{p} {k}']:.3f} |")
+    for name, value in result.get("speedup_over_32_true", {}).items():
+        print(f"{name} over 32-true with the same kind of layout: {value:.2f}×")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
