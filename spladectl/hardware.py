@@ -296,9 +296,7 @@ def _darwin_flags() -> set[str]:
 def has_amx_tiles() -> bool:
     """Whether this CPU has AMX tiles, as torch's bundled cpuinfo reports (False where it cannot tell); the CPU head
     sizes its products by it (pooling.cpu_head_layout)."""
-    import torch
-
-    return bool(_safe(lambda: torch.cpu._is_amx_tile_supported(), False))
+    return "amx_tile" in _torch_cpu_flags()
 
 
 def _torch_cpu_flags() -> set[str]:

@@ -27,22 +27,27 @@ class CpuHeadLayout(NamedTuple):
     block: int  # tokens per matmul
     tile: int  # vocabulary rows per matmul
     bias_columns: int  # bf16: columns that carry the bias in the product (_with_bias_column); float32 adds it after
+    row_multiple: int  # a group's rows are rounded up to a multiple of this (see _LOW_PRECISION_ROWS)
 
+
+# oneDNN keeps a compiled kernel (≈1.5 MB) per bf16/fp16 matmul shape it meets; rounding each group's rows up to a
+# multiple of this keeps the shapes few, so RSS does not grow with every new length.
+_LOW_PRECISION_ROWS = 128
 
 # Xeon with AMX, the head forward of a SciFact step (16 queries, 32 documents), 2 threads, 2026-12-03. float32: 276 ms
 # with 512-token blocks and 2048-row tiles, 283 with 4096-row tiles, 334 with 256-token blocks. bf16: AMX multiplies
 # faster than the products are written, so larger blocks pay, and its bf16 tiles are 32 deep: 79 ms with 1024 / 4096,
 # 91 with 512 / 4096, 103 with 512 / 2048.
-AMX_FLOAT32 = CpuHeadLayout(block=512, tile=2048, bias_columns=0)
-AMX_LOW_PRECISION = CpuHeadLayout(block=1024, tile=4096, bias_columns=32)
+AMX_FLOAT32 = CpuHeadLayout(block=512, tile=2048, bias_columns=0, row_multiple=1)
+AMX_LOW_PRECISION = CpuHeadLayout(block=1024, tile=4096, bias_columns=32, row_multiple=_LOW_PRECISION_ROWS)
 # AMD EPYC (Zen 4: AVX512-BF16, no AMX), the same head, calls alternating, 2026-12-04. float32: a block's products
 # should stay in the core's 1 MB of L2 until the max has read them: 512 / 512 took 0.66× the time of 512 / 2048,
 # 1024 / 512 0.67×, 512 / 256 0.75×, 512 / 1024 0.81×. bf16: AVX512-BF16 multiplies pairs, so one bias column and one
 # zero suffice (30 more are 23% more work): 242 ms with 512 / 2048 / 2 columns, 262 with 8 columns, 276 with
 # 1024 / 4096, and 349 with AMX's layout; 512 / 1024 took 1.04× and 512 / 512 1.15× of 512 / 2048. CPUs with AVX2
 # alone are given these layouts too (not measured with the grouped head).
-VECTOR_FLOAT32 = CpuHeadLayout(block=512, tile=512, bias_columns=0)
-VECTOR_LOW_PRECISION = CpuHeadLayout(block=512, tile=2048, bias_columns=2)
+VECTOR_FLOAT32 = CpuHeadLayout(block=512, tile=512, bias_columns=0, row_multiple=1)
+VECTOR_LOW_PRECISION = CpuHeadLayout(block=512, tile=2048, bias_columns=2, row_multiple=_LOW_PRECISION_ROWS)
 
 
 def cpu_head_layout(dtype: torch.dtype) -> CpuHeadLayout:
@@ -151,8 +156,7 @@ class SpladeMaxHead(torch.autograd.Function):
         out = None
         if on_cpu:
             layout = cpu_head_layout(dtype)
-            low_precision = dtype in (torch.bfloat16, torch.float16)
-            groups = _length_groups(lengths, starts, layout.block, pad_to=_LOW_PRECISION_ROWS if low_precision else 1)
+            groups = _length_groups(lengths, starts, layout.block, pad_to=layout.row_multiple)
             tile = chunk_size or layout.tile
             rows = hidden.reshape(B * T, H).index_select(0, positions.index_select(0, groups.rows)).to(dtype)
             if dtype == torch.bfloat16:
@@ -249,11 +253,6 @@ def _length_groups(lengths: list[int], starts: list[int], block: int, pad_to: in
         groups.append((first_row, len(index), i, n, length))
         i += n
     return _Groups(torch.tensor(index, dtype=torch.long), order, groups, len(lengths), block)
-
-
-# oneDNN keeps a compiled kernel (≈1.5 MB) per bf16/fp16 matmul shape it meets; rounding each group's rows up to a
-# multiple of this keeps the shapes few, so RSS does not grow with every new length.
-_LOW_PRECISION_ROWS = 128
 
 
 def _max_by_vocabulary_tile(rows, w, groups: _Groups, tile: int, compare_as: torch.dtype | None = None,
