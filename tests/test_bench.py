@@ -8,6 +8,7 @@ import psutil
 import pytest
 
 from spladectl.bench.max_batch import search_max_batch
+from spladectl.bench.run import combine_rounds
 from spladectl.bench.settings import parse_precisions
 from spladectl.errors import SpladectlError
 
@@ -37,6 +38,11 @@ def test_bench_json_rows_per_precision(cli):
         assert row["peak_memory_gb"] > 0 and row["memory_kind"] == "RSS"
         assert row["step_flops"] > 0 and row["flops_source"] == "FlopCounterMode"
         assert row["matmul_peak_flops_per_s"] > 0 and 0 < row["matmul_share"] < 1.5
+        # The peak is sampled after every timed step and each step is compared with its own sample.
+        assert len(row["step_s"]) == len(row["matmul_peaks_flops_per_s"]) == 2
+        shares = sorted(row["step_flops"] / s / p for s, p in zip(row["step_s"], row["matmul_peaks_flops_per_s"]))
+        assert row["matmul_share"] == pytest.approx(sum(shares) / 2, abs=1e-4)
+        assert row["matmul_share_range"] == pytest.approx([shares[0], shares[1]], abs=1e-4)
         assert row["optimizer"].startswith("AdamW")
 
 
@@ -213,3 +219,44 @@ def test_profile_step_splits_a_step_into_phases_and_op_kinds(cli):
     assert 0.9 <= sum(p["share"] for p in phases.values()) <= 1.05
     kinds = {k["kind"]: k["share"] for k in breakdown["kinds"]}
     assert kinds["matrix products"] > 0 and abs(sum(kinds.values()) - 1) < 1e-3
+
+
+def test_rounds_run_the_precisions_in_turn_and_report_medians(cli):
+    result = cli("bench", *SMALL, "--steps", "1", "--warmup", "0", "--precisions", "32-true,bf16-mixed", "--rounds",
+                 "3", "--in-process", "--json")
+    rows = {r["precision"]: r for r in _rows(result)}
+    # In turn: each round runs every precision before the next round starts.
+    order = [line.split(":")[0] for line in result.stderr.splitlines()
+             if line.startswith(("32-true: batch", "bf16-mixed: batch", "round "))]
+    ran = [p for p in ("32-true", "bf16-mixed") if rows[p]["status"] == "ok"]
+    assert order == [x for r in range(1, 4) for x in [f"round {r}/3", *ran]]
+    for precision in ran:
+        row = rows[precision]
+        assert row["rounds"] == 3 and len(row["round_step_s"]) == 3 and len(row["round_matmul_share"]) == 3
+        median = sorted(row["round_step_s"])[1]
+        assert row["median_step_s"] == pytest.approx(median, abs=1e-4)
+        assert row["examples_per_s"] == pytest.approx(2 / median, rel=1e-3)
+        assert row["matmul_share"] == pytest.approx(sorted(row["round_matmul_share"])[1], abs=1e-4)
+    assert rows["32-true"]["speedup"] == 1.0
+    if "bf16-mixed" in ran:
+        assert rows["bf16-mixed"]["speedup"] == pytest.approx(sorted(rows["bf16-mixed"]["round_speedup"])[1],
+                                                              abs=1e-3)
+
+
+def _round(step_s: float, share: float = 0.5, **extra) -> dict:
+    return {"status": "ok", "median_step_s": step_s, "batch_size": 4, "step_flops": 8e9, "matmul_share": share,
+            "peak_memory_gb": step_s, "examples_per_s": 4 / step_s, **extra}
+
+
+def test_combine_rounds_takes_the_median_of_each_rounds_ratio():
+    fp32 = [_round(1.0), _round(2.0), _round(1.0)]
+    # Per round bf16 is 2x, 1.25x, 2x as fast: the median ratio is 2x, while the ratio of median times is 1x.
+    bf16 = [_round(0.5, 0.3, profile="first"), _round(1.6, 0.4), _round(0.5, 0.2)]
+    row = combine_rounds(bf16, fp32)
+    assert row["speedup"] == 2.0 and row["round_speedup"] == [2.0, 1.25, 2.0]
+    assert row["median_step_s"] == 0.5 and row["examples_per_s"] == 8.0 and row["matmul_share"] == 0.3
+    assert row["peak_memory_gb"] == 1.6  # the highest of any round
+    assert combine_rounds(fp32, fp32)["speedup"] == 1.0
+    failed = {"status": "failed", "reason": "out of memory", "precision": "bf16-mixed"}
+    assert combine_rounds([bf16[0], failed, bf16[2]], fp32) == failed
+    assert combine_rounds(bf16, None)["speedup"] is None

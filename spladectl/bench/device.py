@@ -93,21 +93,34 @@ class PeakMemory:
         return float(self.sampler.stop().get(self.key, 0.0))
 
 
-def matmul_peak(device: torch.device, precision: str, *, size: int | None = None, repeats: int = 4) -> float:
-    """FLOP/s of a square matmul on `device` in the precision's compute dtype (operands already in that dtype, under
-    the same autocast as training); the best of `repeats` timings, since a peak is what the device can do."""
-    dtype = autocast_dtype(precision) or torch.float32
-    size = size or (8192 if device.type == "cuda" else 1536)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    context = torch.autocast(device.type, dtype=dtype) if precision != "32-true" else contextlib.nullcontext()
-    times = []
-    with torch.no_grad(), context:
-        for i in range(repeats + 1):
-            synchronize(device)
-            started = time.perf_counter()
-            (a @ b)
-            synchronize(device)
-            if i >= 1:  # the first call picks kernels and warms caches
-                times.append(time.perf_counter() - started)
-    return 2 * size**3 / min(times)
+class MatmulPeak:
+    """The FLOP/s of a square matmul on `device` in the precision's compute dtype (operands already in that dtype,
+    under the same autocast as training), sampled as often as asked.
+
+    A bench samples it after every timed step, so that each step is compared with what the device could do at that
+    moment: on a shared machine the same product ran anywhere from 117 to 181 GFLOP/s over one session (2-core AMD
+    EPYC, 2026-12-04), and a peak measured once, after all the steps, moved "of peak" by as much. The operands live
+    only during a sample, so the steps' peak memory does not include them."""
+
+    def __init__(self, device: torch.device, precision: str, *, size: int | None = None):
+        self.device = device
+        self.dtype = autocast_dtype(precision) or torch.float32
+        self.autocast = precision != "32-true"
+        self.size = size or (8192 if device.type == "cuda" else 1536)
+
+    def sample(self, repeats: int = 2) -> float:
+        """FLOP/s of the best of `repeats` timed products, after an untimed one (which picks kernels and warms
+        caches): a peak is what the device can do."""
+        a = torch.randn(self.size, self.size, device=self.device).to(self.dtype)
+        b = torch.randn(self.size, self.size, device=self.device).to(self.dtype)
+        context = torch.autocast(self.device.type, dtype=self.dtype) if self.autocast else contextlib.nullcontext()
+        times = []
+        with torch.no_grad(), context:
+            for i in range(repeats + 1):
+                synchronize(self.device)
+                started = time.perf_counter()
+                (a @ b)
+                synchronize(self.device)
+                if i >= 1:
+                    times.append(time.perf_counter() - started)
+        return 2 * self.size**3 / min(times)

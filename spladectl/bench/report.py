@@ -21,6 +21,18 @@ def _threads(n: int) -> str:
     return f"{n} thread" + ("" if n == 1 else "s")
 
 
+def _rounds(row: dict[str, Any]) -> str:
+    n = row.get("rounds", 1)
+    return f", medians of {n} rounds run in turn" if n > 1 else ""
+
+
+def _spread(row: dict[str, Any]) -> str:
+    samples = row.get("matmul_peaks_flops_per_s") or []
+    if len(samples) < 2:
+        return ""
+    return f" ({min(samples) / 1e9:.0f}–{max(samples) / 1e9:.0f})"
+
+
 def render_table(rows: list[dict[str, Any]], console) -> None:
     from rich import box
     from rich.table import Table
@@ -36,7 +48,7 @@ def render_table(rows: list[dict[str, Any]], console) -> None:
                                          first.get("grad_cache_chunk"))) if on]
         caption = (f"{first['model']}, batch {first['batch_size']}, query/doc ≤ {first['max_query_length']}/"
                    f"{first['max_doc_length']} tokens, {_threads(first['threads'])}, median of {first['steps']} steps "
-                   f"after {first['warmup']} warm-up; " + "; ".join([first["optimizer"], *extras]))
+                   f"after {first['warmup']} warm-up" + _rounds(first) + "; " + "; ".join([first["optimizer"], *extras]))
     table = Table(title=f"spladectl bench on {first['device']}", caption=caption, box=box.SIMPLE_HEAD)
     show_max = any("max_batch_size" in r for r in ok)
     columns = ["precision", "step (s)", "examples/s", "speed-up", f"peak {ok[0]['memory_kind'] if ok else 'memory'}",
@@ -61,9 +73,9 @@ def render_table(rows: list[dict[str, Any]], console) -> None:
         if r["status"] != "ok":
             console.print(Text(f"{r['precision']} {r['status']}: {r['reason']}"))
     if ok:
-        peaks = ", ".join(f"{r['precision']} {_si(r['matmul_peak_flops_per_s'])}" for r in ok)
-        console.print(f"of peak = achieved ÷ the matmul peak of this {first['device']} ({_threads(first['threads'])}): "
-                      f"{peaks}")
+        peaks = ", ".join(f"{r['precision']} {_si(r['matmul_peak_flops_per_s'])}{_spread(r)}" for r in ok)
+        console.print(f"of peak = each step's FLOP/s ÷ the matmul peak of this {first['device']} "
+                      f"({_threads(first['threads'])}) sampled right after it, median over the steps; peaks: {peaks}")
         busy = [r for r in ok if r["device"] == "cpu" and r["cpu_utilisation"] < 0.75]
         if busy:
             worst = min(r["cpu_utilisation"] for r in busy)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import statistics
 import sys
 import tempfile
 from typing import Any
@@ -52,7 +54,7 @@ def _bench_one(settings: BenchSettings, precision: str, log: Log, pm, own_proces
         f"{device}")
     with tempfile.TemporaryDirectory(prefix="spladectl-bench-") as workdir:
         try:
-            row = bench_precision(settings, precision, make_examples(needed), pm, log, workdir, {})
+            row = bench_precision(settings, precision, make_examples(needed), pm, log, workdir)
             if settings.find_max_batch:
                 row.update(find_max_batch(settings, precision, make_examples, pm, log, workdir,
                                           own_process=own_process))
@@ -67,35 +69,78 @@ def _bench_one(settings: BenchSettings, precision: str, log: Log, pm, own_proces
 
 
 def run_bench(settings: BenchSettings, *, log: Log = lambda _: None, facts=None, isolate: bool = True,
-              pm=None) -> list[dict[str, Any]]:
+              pm=None, rounds: int = 1) -> list[dict[str, Any]]:
     """Every precision of `settings`: a row each (status "ok", "skipped" with a reason, or "failed").
 
     `isolate` (default) runs each precision in its own Python process, so its peak memory is its own: in one
     process, memory an earlier precision freed often stays resident (allocator caches, oneDNN scratchpads) and
     would be counted against the next. `facts`: the machine's HardwareFacts when the caller has them.
+
+    `rounds` > 1 runs the precisions that many times in turn (32-true, bf16-mixed, 32-true, …), so that a machine
+    whose speed drifts slows every precision alike, and combines each precision's rounds (combine_rounds). A
+    profile, top ops or max-batch search, when asked for, come from the first round only.
     """
     device = torch.device(settings.device)
     if facts is None and device.type in ("cpu", "mps") and "bf16-mixed" in settings.precisions:
         from spladectl.hardware import detect
 
         facts = detect()
-    rows: list[dict[str, Any]] = []
+    skipped: dict[str, dict[str, Any]] = {}
     for precision in settings.precisions:
         reason = unsupported_reason(precision, device, facts)
         if reason:
             log(f"{precision}: skipped: {reason}")
-            rows.append({"precision": precision, "status": "skipped", "reason": reason, "device": str(device),
-                         "examples_per_s": None})
-            continue
-        if isolate:
-            rows.append(_bench_in_child(settings, precision, log))
-        else:
-            rows.append(bench_one(settings, precision, log=log, pm=pm))
-    reference = next((r for r in rows if r["precision"] == "32-true" and r["status"] == "ok"), None)
-    for row in rows:
-        if reference is not None and row["status"] == "ok":
-            row["speedup"] = round(row["examples_per_s"] / reference["examples_per_s"], 3)
+            skipped[precision] = {"precision": precision, "status": "skipped", "reason": reason,
+                                  "device": str(device), "examples_per_s": None}
+    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in settings.precisions if p not in skipped}
+    for r in range(rounds):
+        if rounds > 1:
+            log(f"round {r + 1}/{rounds}")
+        this_round = settings if r == 0 else dataclasses.replace(settings, find_max_batch=False, top_ops=0,
+                                                                 profile_step=False)
+        for precision, done in runs.items():
+            if isolate:
+                done.append(_bench_in_child(this_round, precision, log))
+            else:
+                done.append(bench_one(this_round, precision, log=log, pm=pm))
+    rows = [skipped[p] if p in skipped else combine_rounds(runs[p], runs.get("32-true"))
+            for p in settings.precisions]
     return rows
+
+
+def combine_rounds(rounds: list[dict[str, Any]], reference: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """One precision's row from its rounds, and its speed-up over the 32-true rounds run beside them.
+
+    A precision that failed in any round is failed. Otherwise the row is that of the round with the median step
+    time (the lower one of two middles, so its fields describe one real run), with: examples/s from the median
+    step time over the rounds; "of peak" the median of the rounds' own; peak memory the highest of any round; and
+    the speed-up the median of each round's ratio to the 32-true round beside it. The first round's profile, top
+    ops and max-batch search are kept.
+    """
+    failed = next((r for r in rounds if r["status"] != "ok"), None)
+    if failed is not None:
+        return failed
+    steps = [r["median_step_s"] for r in rounds]
+    row = dict(min(rounds, key=lambda r: abs(r["median_step_s"] - statistics.median_low(steps))))
+    for key in ("step_breakdown", "top_ops", "max_batch_size", "max_batch_peak_gb", "max_batch_probes",
+                "memory_budget_gb"):
+        if key in rounds[0]:
+            row[key] = rounds[0][key]
+    if len(rounds) > 1:
+        median = statistics.median(steps)
+        row.update(rounds=len(rounds), round_step_s=steps, median_step_s=round(median, 4),
+                   examples_per_s=round(row["batch_size"] / median, 3),
+                   achieved_flops_per_s=row["step_flops"] / median,
+                   matmul_share=round(statistics.median(r["matmul_share"] for r in rounds), 4),
+                   round_matmul_share=[r["matmul_share"] for r in rounds],
+                   peak_memory_gb=max(r["peak_memory_gb"] for r in rounds))
+    row["speedup"] = None
+    if reference and all(r["status"] == "ok" for r in reference):
+        ratios = [r["examples_per_s"] / ref["examples_per_s"] for r, ref in zip(rounds, reference)]
+        row["speedup"] = round(statistics.median(ratios), 3)
+        if len(rounds) > 1:
+            row["round_speedup"] = [round(x, 3) for x in ratios]
+    return row
 
 
 _ROW_MARKER = "SPLADECTL-BENCH-ROW "
@@ -103,7 +148,6 @@ _ROW_MARKER = "SPLADECTL-BENCH-ROW "
 
 def _bench_in_child(settings: BenchSettings, precision: str, log: Log) -> dict[str, Any]:
     """bench_one in a fresh `python -m spladectl.bench` process; its stderr is relayed line by line to `log`."""
-    import dataclasses
     import json
     import subprocess
     import threading

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from spladectl.batches import tokenizes_ahead
-from spladectl.bench.device import PeakMemory, current_memory, matmul_peak, memory_kind, release_memory, synchronize
+from spladectl.bench.device import MatmulPeak, PeakMemory, current_memory, memory_kind, release_memory, synchronize
 from spladectl.bench.settings import BenchSettings, Log
 
 
@@ -178,8 +178,7 @@ def profile_step_breakdown(run: _Run) -> dict[str, Any]:
     }
 
 
-def bench_precision(settings: BenchSettings, precision: str, examples, pm, log: Log, workdir: str,
-                    peaks: dict[str, float]) -> dict[str, Any]:
+def bench_precision(settings: BenchSettings, precision: str, examples, pm, log: Log, workdir: str) -> dict[str, Any]:
     """One row of the bench table for `precision` (which must be supported on the device)."""
     device = torch.device(settings.device)
     # the FLOP-counting step and the profiled ones
@@ -192,22 +191,24 @@ def bench_precision(settings: BenchSettings, precision: str, examples, pm, log: 
         optimizer = optimizer_description(run.state.optimizer)
         trained_as = run.state.config  # what the options resolved to (--memory-efficient sets two of them)
         memory = PeakMemory(device)
-        times, metrics = [], {}
-        memory.start()
+        matmul = MatmulPeak(device, precision)
+        times, peaks, metrics, peak = [], [], {}, 0.0
         cpu_seconds = 0.0
-        try:
-            for i in range(settings.warmup + settings.steps):
-                cpu_started = time.process_time()
+        for i in range(settings.warmup + settings.steps):
+            cpu_started = time.process_time()
+            memory.start()  # steps only: the matmul samples between them are not training's memory
+            try:
                 seconds, metrics = run.step()
-                if i >= settings.warmup:
-                    cpu_seconds += time.process_time() - cpu_started
-                phase = "warm-up" if i < settings.warmup else "step"
-                log(f"  {precision}: {phase} {i + 1 - (0 if i < settings.warmup else settings.warmup)}"
-                    f"/{settings.warmup if i < settings.warmup else settings.steps}: {seconds:.3f} s")
-                if i >= settings.warmup:
-                    times.append(seconds)
-        finally:
-            peak = memory.stop()
+            finally:
+                peak = max(peak, memory.stop())
+            if i >= settings.warmup:
+                cpu_seconds += time.process_time() - cpu_started
+            phase = "warm-up" if i < settings.warmup else "step"
+            log(f"  {precision}: {phase} {i + 1 - (0 if i < settings.warmup else settings.warmup)}"
+                f"/{settings.warmup if i < settings.warmup else settings.steps}: {seconds:.3f} s")
+            if i >= settings.warmup:
+                times.append(seconds)
+                peaks.append(matmul.sample())
         split = run.state.split_factor
         try:
             step_flops, flops_source = count_step_flops(run.step), "FlopCounterMode"
@@ -223,20 +224,22 @@ def bench_precision(settings: BenchSettings, precision: str, examples, pm, log: 
     finally:
         run.close()
 
-    if precision not in peaks:
-        log(f"  {precision}: measuring the matmul peak")
-        peaks[precision] = matmul_peak(device, precision)
     median = statistics.median(times)
     achieved = step_flops / median
+    # Each step against the peak sampled right after it, then the median: a drifting machine moves both alike.
+    shares = [step_flops / seconds / flops for seconds, flops in zip(times, peaks)]
     row: dict[str, Any] = {
         "precision": precision, "status": "ok", "reason": None, "device": str(device),
         "batch_size": settings.batch_size, "steps": settings.steps, "warmup": settings.warmup,
         "median_step_s": round(median, 4), "min_step_s": round(min(times), 4), "max_step_s": round(max(times), 4),
+        "step_s": times,
         "examples_per_s": round(settings.batch_size / median, 3), "speedup": None,
         "peak_memory_gb": round(peak / 2**30, 4), "baseline_memory_gb": round(baseline / 2**30, 4),
         "step_memory_gb": round(max(0.0, peak - baseline) / 2**30, 4), "memory_kind": memory_kind(device),
         "step_flops": step_flops, "flops_source": flops_source, "achieved_flops_per_s": achieved,
-        "matmul_peak_flops_per_s": peaks[precision], "matmul_share": round(achieved / peaks[precision], 4),
+        "matmul_peak_flops_per_s": statistics.median(peaks), "matmul_peaks_flops_per_s": peaks,
+        "matmul_share": round(statistics.median(shares), 4),
+        "matmul_share_range": [round(min(shares), 4), round(max(shares), 4)],
         "tokenize_s": round(tokenize, 4),
         "tokenize_in": ("dataloader workers" if settings.dataloader_workers else
                         "prefetch thread" if tokenizes_ahead(device.type) else "training thread"),

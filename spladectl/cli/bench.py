@@ -24,6 +24,7 @@ def bench(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Examples per step, the same for every precision (default: the profile's batch size)."),
     steps: int = typer.Option(5, "--steps", min=1, help="Timed optimizer steps per precision."),
     warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed warm-up steps before them."),
+    rounds: int = typer.Option(1, "--rounds", min=1, help="Run the precisions this many times in turn, each time in fresh processes; report medians over the rounds and the median of each round's speed-up (3 or more on a shared machine, whose speed drifts)."),
     max_query_length: Optional[int] = typer.Option(None, "--max-query-length", min=1, help="Query tokens (default: from the profile)."),
     max_doc_length: Optional[int] = typer.Option(None, "--max-doc-length", min=1, help="Document tokens (default: from the profile); the synthetic documents fill it."),
     find_max_batch: bool = typer.Option(False, "--find-max-batch", help="Also search the largest batch whose step fits --memory-budget (each probe is two real steps)."),
@@ -73,7 +74,7 @@ def bench(
     for key, reason in resolved.changes.items():
         if key != "precision":  # the bench runs the precisions it is given, each checked for support
             log(f"  fallback: {reason}")
-    rows = run_bench(settings, log=log, facts=facts, isolate=isolate)
+    rows = run_bench(settings, log=log, facts=facts, isolate=isolate, rounds=rounds)
     if plot_file is not None:
         written = plot(rows, plot_file)
         log(f"plot written to {written}")
