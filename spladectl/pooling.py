@@ -5,7 +5,8 @@ The logits are the expensive part: B×T×V (16 × 256 × 30522 fp32 is 500 MB pe
 pass over them (activation, mask, cast, the dense backward of the max) costs more than the projection's matmul on CPU.
 `efficient_splade_pool` therefore never builds them: it projects tiles of the vocabulary (chunks of tokens on
 accelerators), keeps only their max over each example's tokens, and back-propagates sparsely through the few
-(example, term) pairs whose max is positive.
+(example, term) pairs whose max is positive. In float32 on CPUs that multiply bf16 in hardware, a bf16 product of the
+whole vocabulary first rules out the terms whose max cannot be positive (_screened_positive_max).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from spladectl.hardware import has_amx_tiles
+from spladectl.hardware import has_amx_tiles, has_bf16_dot_products
 
 
 # On CPU the projection runs tile by tile of the vocabulary, each tile against blocks of tokens (_length_groups): a
@@ -155,14 +156,18 @@ class SpladeMaxHead(torch.autograd.Function):
         on_cpu = hidden.device.type == "cpu"
         out = None
         if on_cpu:
-            layout = cpu_head_layout(dtype)
-            groups = _length_groups(lengths, starts, layout.block, pad_to=layout.row_multiple)
-            tile = chunk_size or layout.tile
-            rows = hidden.reshape(B * T, H).index_select(0, positions.index_select(0, groups.rows)).to(dtype)
-            if dtype == torch.bfloat16:
-                out = _positive_max_bf16(rows, weight, bias, groups, tile, layout.bias_columns)
+            if dtype == weight.dtype == hidden.dtype == torch.float32 and has_bf16_dot_products():
+                packed = hidden.reshape(B * T, H).index_select(0, positions)
+                out = _screened_positive_max(packed, weight, bias, lengths, starts, chunk_size)
             if out is None:
-                best = _max_by_vocabulary_tile(rows, _cast_weight(weight, dtype), groups, tile)
+                layout = cpu_head_layout(dtype)
+                groups = _length_groups(lengths, starts, layout.block, pad_to=layout.row_multiple)
+                tile = chunk_size or layout.tile
+                rows = hidden.reshape(B * T, H).index_select(0, positions.index_select(0, groups.rows)).to(dtype)
+                if dtype == torch.bfloat16:
+                    out = _positive_max_bf16(rows, weight, bias, groups, tile, layout.bias_columns)
+                if out is None:
+                    best = _max_by_vocabulary_tile(rows, _cast_weight(weight, dtype), groups, tile)
         else:
             packed = hidden.reshape(B * T, H).index_select(0, positions).to(dtype)
             best = torch.full((B, V), float("-inf"), dtype=dtype, device=hidden.device)
@@ -312,6 +317,80 @@ def _positive_max_bf16(rows, weight, bias, groups: _Groups, tile: int, bias_colu
         return None
     best = _max_by_vocabulary_tile(rows, w_bias, groups, tile, compare_as=torch.int16, floor=0.0)
     return best.view(torch.int16).clamp_min_(0).view(torch.bfloat16)
+
+
+def _screened_positive_max(packed, weight, bias, lengths: list[int], starts: list[int],
+                           tile: int | None) -> torch.Tensor | None:
+    """float32 on a CPU that multiplies bf16 in hardware: relu(max over each text's tokens of packed @ weight.T +
+    bias) as (texts, V) float32, the float32 formula's values, or None when an operand is not finite.
+
+    Most of a text's 30,522 maxima are negative (a few hundred of them are positive), and only the positive ones
+    matter. A bf16 product of the whole vocabulary, at bf16 speed, finds every term whose max could be positive;
+    float32 products recompute just those. Rounding cannot hide one: for a token t and a term v, the bf16 product
+    with its offset c (below) is within err(t, v) of logit + c, and err is bounded from the operands' norms, the
+    precision of bf16 (u = 2⁻⁸, inputs and output), and float32 accumulation over K terms (γ = K · 2⁻²⁴). So a
+    term whose screened max is below c − 2 · err (twice the bound, for slack) has no positive logit and its output is
+    exactly 0. The offset c (in the product's second extra column, like the bias in the first) shifts the window
+    worth looking at above zero, where the int16 max of _positive_max_bf16 applies.
+    """
+    if not (bool(torch.isfinite(packed.sum())) and bool(torch.isfinite(weight.sum()))
+            and bool(torch.isfinite(bias.sum()))):
+        return None
+    n_texts, V = len(lengths), weight.shape[0]
+    layout = cpu_head_layout(torch.bfloat16)
+    columns = max(2, layout.bias_columns)
+    u, gamma = 2.0**-8, 1.01 * (packed.shape[1] + columns) * 2.0**-24
+    # |error of a product| <= k1 · |x| · |w| + k2 · |bias| + k3 · c, before the output's own rounding (u · |P|).
+    k1, k2, k3 = 2 * u + u * u + gamma * (1 + u) ** 2, u + gamma * (1 + u), gamma
+    text_of_token = torch.repeat_interleave(torch.arange(n_texts), torch.tensor(lengths))
+    norms = torch.zeros(n_texts).scatter_reduce_(0, text_of_token, packed.norm(dim=1), "amax")
+    weight_norms = _weight_cache.get((weight, None, torch.float32, "row-norms"), lambda _: weight.norm(dim=1))
+    # For a logit L >= 0 the screened value is at least c - E with E = 2 · (u · c + (1 + u) · (k1·|x|·|w| +
+    # k2·|bias| + k3 · c)). The threshold c - E must not be negative (the screen clamps at 0), so c >= max E.
+    worst = float((k1 * float(norms.max()) * weight_norms + k2 * bias.abs()).max())
+    c = 2 * (1 + u) * worst / (1 - 2 * u - 2 * (1 + u) * k3) * (1 + 2 * u)  # rounded to bf16 below, up to u lower
+    c = float(torch.tensor(c).to(torch.bfloat16))
+    threshold = torch.addr(c * (1 - 2 * u - 2 * (1 + u) * k3) - 2 * (1 + u) * k2 * bias.abs(), norms,
+                           weight_norms, alpha=-2 * (1 + u) * k1)
+    threshold.clamp_min_(0.0)  # only rounding of the line above can take it below 0, where c >= max E
+
+    groups = _length_groups(lengths, starts, layout.block, pad_to=layout.row_multiple)
+    rows = packed.index_select(0, groups.rows)
+    padded = rows.new_zeros(rows.shape[0], rows.shape[1] + columns, dtype=torch.bfloat16)
+    padded[:, : rows.shape[1]] = rows
+    padded[:, rows.shape[1]] = 1
+    padded[:, rows.shape[1] + 1] = c
+
+    def build(previous):
+        shape = (V, weight.shape[1] + columns)
+        w_screen = previous if previous is not None and previous.shape == shape else weight.new_zeros(
+            shape, dtype=torch.bfloat16)
+        w_screen[:, : weight.shape[1]] = weight
+        w_screen[:, weight.shape[1]] = bias
+        w_screen[:, weight.shape[1] + 1] = 1
+        return w_screen
+
+    w_screen = _weight_cache.get((weight, bias, torch.bfloat16, ("screen", columns)), build)
+    screened = _max_by_vocabulary_tile(padded, w_screen, groups, tile or layout.tile, compare_as=torch.int16,
+                                       floor=0.0)
+    screened = screened.view(torch.int16).clamp_min_(0).view(torch.bfloat16).float()
+    candidates = screened >= threshold
+    del screened, threshold
+
+    out = torch.zeros(n_texts, V)
+    for b in range(n_texts):
+        n_tok = lengths[b]
+        terms = candidates[b].nonzero().squeeze(1) if n_tok else None
+        if terms is None or not terms.numel():
+            continue
+        x = packed[starts[b] : starts[b + 1]]
+        step = max(1, _BACKWARD_BLOCK_ELEMENTS // max(n_tok, packed.shape[1]))
+        for p0 in range(0, terms.numel(), step):
+            picked = terms[p0 : p0 + step]
+            # (terms, tokens): the max runs along contiguous rows
+            best = (weight.index_select(0, picked) @ x.T).amax(1)
+            out[b].index_copy_(0, picked, torch.relu(best + bias.index_select(0, picked)))
+    return out
 
 
 # Why the bias rides in the product instead of being passed to it: a (512 × 160) · (160 × 2048) bf16 matmul took

@@ -369,3 +369,89 @@ def test_low_precision_copy_of_the_projection_follows_the_weights(dtype, monkeyp
     assert torch.equal(second, uncached(weight, bias))
     other = weight.clone() * 0.5
     assert torch.equal(head(other, bias), uncached(other, bias))
+
+
+def _long_texts(seed: int, vocab: int = 9000, hidden_size: int = 16, bias_shift: float = 2.5):
+    # Texts longer than a block and a vocabulary of several tiles: the head groups and tiles them as in training.
+    g = torch.Generator().manual_seed(seed)
+    lengths = (1100, 700, 40, 0, 513, 3)
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    hidden = torch.randn(len(lengths), max(lengths), hidden_size, generator=g)
+    hidden[0, 5] *= 40  # one token with a large norm, as [CLS] and [SEP] often have
+    weight = torch.randn(vocab, hidden_size, generator=g) * 0.3
+    bias = torch.randn(vocab, generator=g) - bias_shift
+    return hidden, weight, bias, mask, torch.rand(len(lengths), vocab, generator=g)
+
+
+@pytest.mark.parametrize("screen", [True, False])
+def test_float32_head_with_and_without_the_bf16_screen_equals_the_formula(screen, monkeypatch):
+    # The screen runs where the CPU multiplies bf16 in hardware; both paths run here on any CPU.
+    from spladectl import pooling
+
+    monkeypatch.setattr(pooling, "has_bf16_dot_products", lambda: screen)
+    hidden, weight, bias, mask, upstream = _long_texts(seed=9)
+    tensors = [t.requires_grad_() for t in (hidden, weight, bias)]
+    ref, ref_grads = _value_and_grads(lambda h, w, b: naive_splade_pool(h @ w.T + b, mask), tensors, upstream)
+    assert 0.05 < (ref > 0).float().mean() < 0.95
+    out, grads = _value_and_grads(lambda h, w, b: efficient_splade_pool(h, w, b, mask), tensors, upstream)
+    _assert_close(out, ref)
+    assert torch.equal(out > 0, ref > 0)
+    assert out[3].abs().sum() == 0  # the text without tokens
+    for grad, ref_grad in zip(grads, ref_grads):
+        _assert_close(grad, ref_grad)
+
+
+def test_bf16_screen_misses_no_maximum_just_above_zero(monkeypatch):
+    # The screen's bf16 products are off by up to ~1% of |x|·|w|; every term here has its max within 1e-3 of zero
+    # (half of them above), far inside that error, so only the rounding bound keeps the positive ones.
+    from spladectl import pooling
+
+    hidden, weight, bias, mask, _ = _long_texts(seed=10, vocab=5000)
+    exact = torch.einsum("bth,vh->btv", hidden.double(), weight.double())
+    exact = exact.masked_fill(~mask.bool()[..., None], float("-inf")).amax(1)  # (texts, V), float64
+    eps = (torch.rand(exact.shape[1], generator=torch.Generator().manual_seed(11)) - 0.5) * 2e-3
+    bias = (-exact[0] + eps).float()  # text 0's maxima land at eps, the other texts' anywhere
+    results = []
+    for screen in (True, False):
+        monkeypatch.setattr(pooling, "has_bf16_dot_products", lambda screen=screen: screen)
+        with torch.no_grad():
+            results.append(pooling.SpladeMaxHead.apply(hidden, weight, bias, mask, None))
+    screened, plain = results
+    assert (plain[0] > 0).sum() > 1000
+    _assert_close(screened, plain)
+    # Both sum the same float32 products; a sign may differ only for a max that is round-off away from zero.
+    differs = (screened > 0) != (plain > 0)
+    assert (plain[differs].abs() < 1e-6).all() and (screened[differs].abs() < 1e-6).all()
+
+
+def test_bf16_screen_is_used_only_for_float32_on_cpus_with_bf16_arithmetic(monkeypatch):
+    from spladectl import pooling
+
+    calls = []
+    real = pooling._screened_positive_max
+    monkeypatch.setattr(pooling, "_screened_positive_max", lambda *a: calls.append(1) or real(*a))
+    hidden, weight, bias, _ = (t.detach() for t in _inputs(seed=12))
+    for native, autocast, expected in ((True, False, 1), (False, False, 0), (True, True, 0)):
+        calls.clear()
+        monkeypatch.setattr(pooling, "has_bf16_dot_products", lambda native=native: native)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            efficient_splade_pool(hidden, weight, bias, _mask("right"))
+        assert len(calls) == expected, (native, autocast)
+    calls.clear()
+    monkeypatch.setattr(pooling, "has_bf16_dot_products", lambda: True)
+    efficient_splade_pool(hidden.double(), weight.double(), bias.double(), _mask("right"))
+    assert not calls
+
+
+def test_bf16_screen_lets_a_nan_through(monkeypatch):
+    # A NaN cannot be screened (it compares false with everything): the float32 path takes over and propagates it.
+    from spladectl import pooling
+
+    monkeypatch.setattr(pooling, "has_bf16_dot_products", lambda: True)
+    hidden, weight, bias, _ = (t.detach() for t in _inputs(seed=5))
+    hidden[2, 3, 0] = float("nan")
+    out = efficient_splade_pool(hidden, weight, bias, _mask("none"))
+    assert out[2].isnan().all()
+    assert torch.isfinite(out[[0, 1, 3]]).all()
