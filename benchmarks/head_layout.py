@@ -1,5 +1,5 @@
 """The CPU head's variants compared by whole training steps, on this machine: its layouts (pooling.cpu_head_layout)
-and, in float32, the bf16 screen of the vocabulary (pooling._screened_positive_max).
+and, in float32, the bf16 screen of the vocabulary (pooling._screened_float32_max).
 
 The SPLADE head multiplies blocks of tokens by tiles of the vocabulary; the best block and tile sizes (and, in bf16,
 how many columns carry the bias) differ between CPUs with AMX and those without. In float32, CPUs that multiply
@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(steps):
                 for precision, kind in variants:
                     layout, _, screen = kind.partition(", ")
+                    screened = SCREENS.get(screen, False)
                     pooling.has_amx_tiles = lambda amx=LAYOUTS[layout]: amx
-                    pooling.has_bf16_dot_products = lambda on=SCREENS.get(screen, False): on
+                    pooling.has_bf16_dot_products = lambda on=screened: on
                     started = time.perf_counter()
                     trainers[(precision, kind)].step()
                     if r >= args.warmup:

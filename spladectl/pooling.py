@@ -6,7 +6,7 @@ pass over them (activation, mask, cast, the dense backward of the max) costs mor
 `efficient_splade_pool` therefore never builds them: it projects tiles of the vocabulary (chunks of tokens on
 accelerators), keeps only their max over each example's tokens, and back-propagates sparsely through the few
 (example, term) pairs whose max is positive. In float32 on CPUs that multiply bf16 in hardware, a bf16 product of the
-whole vocabulary first rules out the terms whose max cannot be positive (_screened_positive_max).
+whole vocabulary first rules out the terms whose max cannot be positive (_screened_float32_max).
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ class SpladeMaxHead(torch.autograd.Function):
         if on_cpu:
             if dtype == weight.dtype == hidden.dtype == torch.float32 and has_bf16_dot_products():
                 packed = hidden.reshape(B * T, H).index_select(0, positions)
-                out = _screened_positive_max(packed, weight, bias, lengths, starts, chunk_size)
+                out = _screened_float32_max(packed, weight, bias, lengths, starts, chunk_size)
             if out is None:
                 layout = cpu_head_layout(dtype)
                 groups = _length_groups(lengths, starts, layout.block, pad_to=layout.row_multiple)
@@ -319,7 +319,7 @@ def _positive_max_bf16(rows, weight, bias, groups: _Groups, tile: int, bias_colu
     return best.view(torch.int16).clamp_min_(0).view(torch.bfloat16)
 
 
-def _screened_positive_max(packed, weight, bias, lengths: list[int], starts: list[int],
+def _screened_float32_max(packed, weight, bias, lengths: list[int], starts: list[int],
                            tile: int | None) -> torch.Tensor | None:
     """float32 on a CPU that multiplies bf16 in hardware: relu(max over each text's tokens of packed @ weight.T +
     bias) as (texts, V) float32, the float32 formula's values, or None when an operand is not finite.
@@ -376,9 +376,15 @@ def _screened_positive_max(packed, weight, bias, lengths: list[int], starts: lis
     screened = screened.view(torch.int16).clamp_min_(0).view(torch.bfloat16).float()
     candidates = screened >= threshold
     del screened, threshold
-
     out = torch.zeros(n_texts, V)
-    for b in range(n_texts):
+    with torch.autocast(packed.device.type, enabled=False):  # float32 products, whatever the caller's autocast
+        _fill_candidates(out, packed, weight, bias, lengths, starts, candidates)
+    return out
+
+
+def _fill_candidates(out, packed, weight, bias, lengths, starts, candidates) -> None:
+    """out[b, v] = relu(max over text b's tokens of packed @ weight[v] + bias[v]) for the candidate pairs."""
+    for b in range(out.shape[0]):
         n_tok = lengths[b]
         terms = candidates[b].nonzero().squeeze(1) if n_tok else None
         if terms is None or not terms.numel():
@@ -390,7 +396,6 @@ def _screened_positive_max(packed, weight, bias, lengths: list[int], starts: lis
             # (terms, tokens): the max runs along contiguous rows
             best = (weight.index_select(0, picked) @ x.T).amax(1)
             out[b].index_copy_(0, picked, torch.relu(best + bias.index_select(0, picked)))
-    return out
 
 
 # Why the bias rides in the product instead of being passed to it: a (512 × 160) · (160 × 2048) bf16 matmul took

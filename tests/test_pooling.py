@@ -430,8 +430,8 @@ def test_bf16_screen_is_used_only_for_float32_on_cpus_with_bf16_arithmetic(monke
     from spladectl import pooling
 
     calls = []
-    real = pooling._screened_positive_max
-    monkeypatch.setattr(pooling, "_screened_positive_max", lambda *a: calls.append(1) or real(*a))
+    real = pooling._screened_float32_max
+    monkeypatch.setattr(pooling, "_screened_float32_max", lambda *a: calls.append(1) or real(*a))
     hidden, weight, bias, _ = (t.detach() for t in _inputs(seed=12))
     for native, autocast, expected in ((True, False, 1), (False, False, 0), (True, True, 0)):
         calls.clear()
