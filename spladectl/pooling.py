@@ -352,7 +352,6 @@ def _screened_float32_max(packed, weight, bias, lengths: list[int], starts: list
     c = float(torch.tensor(c).to(torch.bfloat16))
     threshold = torch.addr(c * (1 - 2 * u - 2 * (1 + u) * k3) - 2 * (1 + u) * k2 * bias.abs(), norms,
                            weight_norms, alpha=-2 * (1 + u) * k1)
-    threshold.clamp_min_(0.0)  # only rounding of the line above can take it below 0, where c >= max E
 
     groups = _length_groups(lengths, starts, layout.block, pad_to=layout.row_multiple)
     rows = packed.index_select(0, groups.rows)
