@@ -385,12 +385,14 @@ def _long_texts(seed: int, vocab: int = 9000, hidden_size: int = 16, bias_shift:
     return hidden, weight, bias, mask, torch.rand(len(lengths), vocab, generator=g)
 
 
-@pytest.mark.parametrize("screen", [True, False])
-def test_float32_head_with_and_without_the_bf16_screen_equals_the_formula(screen, monkeypatch):
-    # The screen runs where the CPU multiplies bf16 in hardware; both paths run here on any CPU.
+@pytest.mark.parametrize(("screen", "amx"), [(True, False), (True, True), (False, False)])
+def test_float32_head_with_and_without_the_bf16_screen_equals_the_formula(screen, amx, monkeypatch):
+    # The screen runs where the CPU multiplies bf16 in hardware, with AMX's layout (32 extra columns) or the others'
+    # (2); every combination runs here on any CPU.
     from spladectl import pooling
 
     monkeypatch.setattr(pooling, "has_bf16_dot_products", lambda: screen)
+    monkeypatch.setattr(pooling, "has_amx_tiles", lambda: amx)
     hidden, weight, bias, mask, upstream = _long_texts(seed=9)
     tensors = [t.requires_grad_() for t in (hidden, weight, bias)]
     ref, ref_grads = _value_and_grads(lambda h, w, b: naive_splade_pool(h @ w.T + b, mask), tensors, upstream)
