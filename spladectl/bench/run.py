@@ -121,7 +121,7 @@ def combine_rounds(rounds: list[dict[str, Any]], reference: list[dict[str, Any]]
     if failed is not None:
         return failed
     steps = [r["median_step_s"] for r in rounds]
-    row = dict(min(rounds, key=lambda r: abs(r["median_step_s"] - statistics.median_low(steps))))
+    row = dict(rounds[steps.index(statistics.median_low(steps))])
     for key in ("step_breakdown", "top_ops", "max_batch_size", "max_batch_peak_gb", "max_batch_probes",
                 "memory_budget_gb"):
         if key in rounds[0]:
