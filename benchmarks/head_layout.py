@@ -2,8 +2,8 @@
 and, in float32, the bf16 screen of the vocabulary (pooling._screened_float32_max).
 
 The SPLADE head multiplies blocks of tokens by tiles of the vocabulary; the best block and tile sizes (and, in bf16,
-how many columns carry the bias) differ between CPUs with AMX and those without. In float32, CPUs that multiply
-bf16 in hardware first screen the vocabulary with a bf16 product. This script trains one Trainer per variant in one
+how many columns carry the bias) differ between CPUs with AMX and those without. In float32, CPUs whose bf16
+products are measurably faster first screen the vocabulary with a bf16 product. This script trains one Trainer per variant in one
 process and steps them in turn, round after round, so that a shared machine's drift hits every variant alike;
 ratios are medians of per-round ratios.
 
@@ -55,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     examples = (examples * -(-need // len(examples)))[:need]
     settings = BenchSettings(batch_size=args.batch_size, data=args.data)
     picked_layout = "amx" if pooling.has_amx_tiles() else "vector"
-    picked_screen = "screened" if pooling.has_bf16_dot_products() else "float32 only"
+    picked_screen = "screened" if pooling.bf16_products_pay_off() else "float32 only"
     variants = [(p, kind) for p in precisions for kind in _kinds(p)]
     picked = {p: _kind(p, picked_layout, picked_screen) for p in precisions}
     times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
     pm = load_plugins()
-    probes = pooling.has_amx_tiles, pooling.has_bf16_dot_products
+    probes = pooling.has_amx_tiles, pooling.bf16_products_pay_off
     with tempfile.TemporaryDirectory(prefix="spladectl-head-layout-") as workdir:
         trainers = {}
         for i, (precision, kind) in enumerate(variants):
@@ -72,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
                     layout, _, screen = kind.partition(", ")
                     screened = SCREENS.get(screen, False)
                     pooling.has_amx_tiles = lambda amx=LAYOUTS[layout]: amx
-                    pooling.has_bf16_dot_products = lambda on=screened: on
+                    pooling.bf16_products_pay_off = lambda on=screened: on
                     started = time.perf_counter()
                     trainers[(precision, kind)].step()
                     if r >= args.warmup:
                         times[(precision, kind)].append(time.perf_counter() - started)
                 print(f"round {r + 1}/{steps}", file=sys.stderr, flush=True)
         finally:
-            pooling.has_amx_tiles, pooling.has_bf16_dot_products = probes
+            pooling.has_amx_tiles, pooling.bf16_products_pay_off = probes
 
     def per_round(a, b) -> float:
         return statistics.median(x / y for x, y in zip(times[a], times[b]))

@@ -183,6 +183,11 @@ def _detect_cpu(facts: HardwareFacts) -> None:
     except Exception as exc:
         facts.cpu_cores_logical = os.cpu_count() or 1
         facts.notes.append(f"psutil unavailable ({exc}): RAM unknown")
+    _detect_cpu_arithmetic(facts)
+
+
+def _detect_cpu_arithmetic(facts: HardwareFacts) -> None:
+    """The CPU's model, flags and bf16 arithmetic (native, AMX, measured speed) into `facts`."""
     model, flags = _cpu_model_and_flags(facts)
     facts.cpu_model = model or platform.processor() or "unknown"
     facts.cpu_flags = [flag for flag in RELEVANT_CPU_FLAGS if flag in flags]
@@ -300,10 +305,17 @@ def has_amx_tiles() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def has_bf16_dot_products() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where a bf16 product runs at 2 to 4 times
-    the speed of a float32 one; the float32 CPU head screens the vocabulary with one (pooling.SpladeMaxHead)."""
-    return bool({"avx512_bf16", "amx_bf16"} & _torch_cpu_flags())
+def bf16_products_pay_off() -> bool:
+    """`HardwareFacts.bf16_pays_off` of this CPU without the rest of detect() (no GPU or memory probes): native bf16
+    whose matrix products are measurably faster than float32 ones (measured once and cached, as detect() does). The
+    float32 CPU head screens the vocabulary with bf16 products where they are (pooling.SpladeMaxHead); on a CPU
+    whose bf16 flags hide slow products, the screen would cost more than it saves."""
+    import torch
+
+    facts = HardwareFacts(torch=torch.__version__, os=platform.system().lower(),
+                          arch=normalise_arch(platform.machine()))
+    _detect_cpu_arithmetic(facts)
+    return facts.bf16_pays_off
 
 
 def _torch_cpu_flags() -> set[str]:

@@ -5,7 +5,7 @@ The logits are the expensive part: B×T×V (16 × 256 × 30522 fp32 is 500 MB pe
 pass over them (activation, mask, cast, the dense backward of the max) costs more than the projection's matmul on CPU.
 `efficient_splade_pool` therefore never builds them: it projects tiles of the vocabulary (chunks of tokens on
 accelerators), keeps only their max over each example's tokens, and back-propagates sparsely through the few
-(example, term) pairs whose max is positive. In float32 on CPUs that multiply bf16 in hardware, a bf16 product of the
+(example, term) pairs whose max is positive. In float32 on CPUs whose bf16 products are faster, a bf16 product of the
 whole vocabulary first rules out the terms whose max cannot be positive (_screened_float32_max).
 """
 
@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from spladectl.hardware import has_amx_tiles, has_bf16_dot_products
+from spladectl.hardware import bf16_products_pay_off, has_amx_tiles
 
 
 # On CPU the projection runs tile by tile of the vocabulary, each tile against blocks of tokens (_length_groups): a
@@ -156,7 +156,7 @@ class SpladeMaxHead(torch.autograd.Function):
         on_cpu = hidden.device.type == "cpu"
         out = None
         if on_cpu:
-            if dtype == weight.dtype == hidden.dtype == torch.float32 and has_bf16_dot_products():
+            if dtype == weight.dtype == hidden.dtype == torch.float32 and bf16_products_pay_off():
                 packed = hidden.reshape(B * T, H).index_select(0, positions)
                 out = _screened_float32_max(packed, weight, bias, lengths, starts, chunk_size)
             if out is None:
@@ -298,9 +298,10 @@ def _max_by_vocabulary_tile(rows, w, groups: _Groups, tile: int, compare_as: tor
     return best
 
 
-def _positive_max_bf16(rows, weight, bias, groups: _Groups, tile: int, bias_columns: int) -> torch.Tensor | None:
-    """bf16 on CPU: max(0, max over each text's rows of rows @ weight.T + bias) as (B, V) bf16, or None when an
-    operand is not finite (the caller then takes the float path).
+def _positive_max_bf16(rows, weight, bias, groups: _Groups, tile: int, bias_columns: int,
+                       offset: float | None = None) -> torch.Tensor | None:
+    """bf16 on CPU: max(0, max over each text's rows of rows @ weight.T + bias (+ offset)) as (B, V) bf16, or None
+    when an operand is not finite (the caller then takes the float path). `rows` are cast to bf16 on the way in.
 
     A bf16 max over tokens ran at a sixth of the speed of an int16 one (Xeon with AMX, 2026-12-03), and with AMX it
     cost as much as the matmul before it. Non-negative bf16 values order like their bit patterns read as int16, and
@@ -309,7 +310,7 @@ def _positive_max_bf16(rows, weight, bias, groups: _Groups, tile: int, bias_colu
     negative number and vanish, hence the finiteness check. The max must include the bias to be compared with zero,
     so the bias rides in the matmul as an operand column (_with_bias_column).
     """
-    rows, w_bias = _with_bias_column(rows, weight, bias, torch.bfloat16, bias_columns)
+    rows, w_bias = _with_bias_column(rows, weight, bias, torch.bfloat16, bias_columns, offset)
     # A sum is finite only if every term is (and it overflows float32 only for values no model has): one pass that
     # writes nothing, where isfinite().all() wrote a mask. A false alarm would only cost the float path's speed.
     if not (bool(torch.isfinite(rows.sum(dtype=torch.float32))) and bool(torch.isfinite(
@@ -321,7 +322,7 @@ def _positive_max_bf16(rows, weight, bias, groups: _Groups, tile: int, bias_colu
 
 def _screened_float32_max(packed, weight, bias, lengths: list[int], starts: list[int],
                            tile: int | None) -> torch.Tensor | None:
-    """float32 on a CPU that multiplies bf16 in hardware: relu(max over each text's tokens of packed @ weight.T +
+    """float32 on a CPU whose bf16 products are faster: relu(max over each text's tokens of packed @ weight.T +
     bias) as (texts, V) float32, the float32 formula's values, or None when an operand is not finite.
 
     Most of a text's 30,522 maxima are negative (a few hundred of them are positive), and only the positive ones
@@ -333,9 +334,6 @@ def _screened_float32_max(packed, weight, bias, lengths: list[int], starts: list
     exactly 0. The offset c (in the product's second extra column, like the bias in the first) shifts the window
     worth looking at above zero, where the int16 max of _positive_max_bf16 applies.
     """
-    if not (bool(torch.isfinite(packed.sum())) and bool(torch.isfinite(weight.sum()))
-            and bool(torch.isfinite(bias.sum()))):
-        return None
     n_texts, V = len(lengths), weight.shape[0]
     layout = cpu_head_layout(torch.bfloat16)
     columns = max(2, layout.bias_columns)
@@ -347,6 +345,7 @@ def _screened_float32_max(packed, weight, bias, lengths: list[int], starts: list
     weight_norms = _weight_cache.get((weight, None, torch.float32, "row-norms"), lambda _: weight.norm(dim=1))
     # For a logit L >= 0 the screened value is at least c - E with E = 2 · (u · c + (1 + u) · (k1·|x|·|w| +
     # k2·|bias| + k3 · c)). The threshold c - E must not be negative (the screen clamps at 0), so c >= max E.
+    # A non-finite operand makes c or the operands themselves non-finite, which _positive_max_bf16 turns away.
     worst = float((k1 * float(norms.max()) * weight_norms + k2 * bias.abs()).max())
     c = 2 * (1 + u) * worst / (1 - 2 * u - 2 * (1 + u) * k3) * (1 + 2 * u)  # rounded to bf16 below, up to u lower
     c = float(torch.tensor(c).to(torch.bfloat16))
@@ -354,26 +353,11 @@ def _screened_float32_max(packed, weight, bias, lengths: list[int], starts: list
                            weight_norms, alpha=-2 * (1 + u) * k1)
 
     groups = _length_groups(lengths, starts, layout.block, pad_to=layout.row_multiple)
-    rows = packed.index_select(0, groups.rows)
-    padded = rows.new_zeros(rows.shape[0], rows.shape[1] + columns, dtype=torch.bfloat16)
-    padded[:, : rows.shape[1]] = rows
-    padded[:, rows.shape[1]] = 1
-    padded[:, rows.shape[1] + 1] = c
-
-    def build(previous):
-        shape = (V, weight.shape[1] + columns)
-        w_screen = previous if previous is not None and previous.shape == shape else weight.new_zeros(
-            shape, dtype=torch.bfloat16)
-        w_screen[:, : weight.shape[1]] = weight
-        w_screen[:, weight.shape[1]] = bias
-        w_screen[:, weight.shape[1] + 1] = 1
-        return w_screen
-
-    w_screen = _weight_cache.get((weight, bias, torch.bfloat16, ("screen", columns)), build)
-    screened = _max_by_vocabulary_tile(padded, w_screen, groups, tile or layout.tile, compare_as=torch.int16,
-                                       floor=0.0)
-    screened = screened.view(torch.int16).clamp_min_(0).view(torch.bfloat16).float()
-    candidates = screened >= threshold
+    screened = _positive_max_bf16(packed.index_select(0, groups.rows), weight, bias, groups, tile or layout.tile,
+                                  columns, offset=c)
+    if screened is None:
+        return None
+    candidates = screened.float() >= threshold
     del screened, threshold
     out = torch.zeros(n_texts, V)
     with torch.autocast(packed.device.type, enabled=False):  # float32 products, whatever the caller's autocast
@@ -400,14 +384,17 @@ def _fill_candidates(out, packed, weight, bias, lengths, starts, candidates) -> 
 # Why the bias rides in the product instead of being passed to it: a (512 × 160) · (160 × 2048) bf16 matmul took
 # 0.31 ms where the same product with a bias argument took 0.43 ms (oneDNN first copies the bias into every output
 # row) and without bias 0.25 ms (Xeon with AMX).
-def _with_bias_column(rows, weight, bias, dtype, columns: int):
+def _with_bias_column(rows, weight, bias, dtype, columns: int, offset: float | None = None):
     """(rows | 1 0…0) and (weight | bias 0…0) in `dtype`, `columns` wider (CpuHeadLayout.bias_columns): their
-    product is rows @ weight.T + bias, summed in the matmul's accumulator. Each operand is written once, cast on the
-    way in; the weight's copy is kept while the weight is unchanged (a step encodes queries and documents with the
-    same weights)."""
+    product is rows @ weight.T + bias, summed in the matmul's accumulator. With an `offset` (exact in `dtype`), the
+    second extra columns are `offset` and 1, and the product is rows @ weight.T + bias + offset. Each operand is
+    written once, cast on the way in; the weight's copy is kept while the weight is unchanged (a step encodes
+    queries and documents with the same weights)."""
     padded = rows.new_zeros(rows.shape[0], rows.shape[1] + columns, dtype=dtype)
     padded[:, : rows.shape[1]] = rows
     padded[:, rows.shape[1]] = 1
+    if offset is not None:
+        padded[:, rows.shape[1] + 1] = offset
 
     def build(previous):
         shape = (weight.shape[0], weight.shape[1] + columns)
@@ -416,9 +403,12 @@ def _with_bias_column(rows, weight, bias, dtype, columns: int):
         w_bias = previous if previous is not None and previous.shape == shape else weight.new_zeros(shape, dtype=dtype)
         w_bias[:, : weight.shape[1]] = weight
         w_bias[:, weight.shape[1]] = bias
+        if offset is not None:
+            w_bias[:, weight.shape[1] + 1] = 1
         return w_bias
 
-    return padded, _weight_cache.get((weight, bias, dtype, ("bias-column", columns)), build)
+    kind = ("bias-column", columns, offset is not None)
+    return padded, _weight_cache.get((weight, bias, dtype, kind), build)
 
 
 def _cast_weight(weight, dtype):

@@ -85,3 +85,20 @@ def test_pynvml_failing_mid_query_falls_back(monkeypatch):
                                    nvmlSystemGetDriverVersion=boom)
     monkeypatch.setitem(sys.modules, "pynvml", broken)
     assert hardware._nvml_gpus() == ([], "GPU is lost")
+
+
+def test_bf16_products_pay_off_follows_the_measured_speed_not_the_flags(monkeypatch):
+    # No machine here is each kind of CPU: the flags and the measured speed-up are injected.
+    def cpu(flags, speedup):
+        monkeypatch.setattr(hardware, "_cpu_model_and_flags", lambda facts: ("Some CPU", set(flags)))
+        monkeypatch.setattr(hardware, "bf16_matmul_speedup", lambda facts: speedup)
+        hardware.bf16_products_pay_off.cache_clear()
+        return hardware.bf16_products_pay_off()
+
+    try:
+        assert cpu({"avx2", "avx512f", "avx512_bf16"}, 2.1)
+        assert not cpu({"avx2", "avx512f", "avx512_bf16"}, 0.55)  # bf16 flags, slow bf16 products
+        assert not cpu({"avx2"}, 2.1)
+        assert cpu({"amx_tile", "amx_bf16"}, 3.9)
+    finally:
+        hardware.bf16_products_pay_off.cache_clear()

@@ -387,11 +387,11 @@ def _long_texts(seed: int, vocab: int = 9000, hidden_size: int = 16, bias_shift:
 
 @pytest.mark.parametrize(("screen", "amx"), [(True, False), (True, True), (False, False)])
 def test_float32_head_with_and_without_the_bf16_screen_equals_the_formula(screen, amx, monkeypatch):
-    # The screen runs where the CPU multiplies bf16 in hardware, with AMX's layout (32 extra columns) or the others'
+    # The screen runs where the CPU's bf16 products are faster, with AMX's layout (32 extra columns) or the others'
     # (2); every combination runs here on any CPU.
     from spladectl import pooling
 
-    monkeypatch.setattr(pooling, "has_bf16_dot_products", lambda: screen)
+    monkeypatch.setattr(pooling, "bf16_products_pay_off", lambda: screen)
     monkeypatch.setattr(pooling, "has_amx_tiles", lambda: amx)
     hidden, weight, bias, mask, upstream = _long_texts(seed=9)
     tensors = [t.requires_grad_() for t in (hidden, weight, bias)]
@@ -417,7 +417,7 @@ def test_bf16_screen_misses_no_maximum_just_above_zero(monkeypatch):
     bias = (-exact[0] + eps).float()  # text 0's maxima land at eps, the other texts' anywhere
     results = []
     for screen in (True, False):
-        monkeypatch.setattr(pooling, "has_bf16_dot_products", lambda screen=screen: screen)
+        monkeypatch.setattr(pooling, "bf16_products_pay_off", lambda screen=screen: screen)
         with torch.no_grad():
             results.append(pooling.SpladeMaxHead.apply(hidden, weight, bias, mask, None))
     screened, plain = results
@@ -437,12 +437,12 @@ def test_bf16_screen_is_used_only_for_float32_on_cpus_with_bf16_arithmetic(monke
     hidden, weight, bias, _ = (t.detach() for t in _inputs(seed=12))
     for native, autocast, expected in ((True, False, 1), (False, False, 0), (True, True, 0)):
         calls.clear()
-        monkeypatch.setattr(pooling, "has_bf16_dot_products", lambda native=native: native)
+        monkeypatch.setattr(pooling, "bf16_products_pay_off", lambda native=native: native)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             efficient_splade_pool(hidden, weight, bias, _mask("right"))
         assert len(calls) == expected, (native, autocast)
     calls.clear()
-    monkeypatch.setattr(pooling, "has_bf16_dot_products", lambda: True)
+    monkeypatch.setattr(pooling, "bf16_products_pay_off", lambda: True)
     efficient_splade_pool(hidden.double(), weight.double(), bias.double(), _mask("right"))
     assert not calls
 
@@ -451,7 +451,7 @@ def test_bf16_screen_lets_a_nan_through(monkeypatch):
     # A NaN cannot be screened (it compares false with everything): the float32 path takes over and propagates it.
     from spladectl import pooling
 
-    monkeypatch.setattr(pooling, "has_bf16_dot_products", lambda: True)
+    monkeypatch.setattr(pooling, "bf16_products_pay_off", lambda: True)
     hidden, weight, bias, _ = (t.detach() for t in _inputs(seed=5))
     hidden[2, 3, 0] = float("nan")
     out = efficient_splade_pool(hidden, weight, bias, _mask("none"))
