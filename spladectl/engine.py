@@ -174,6 +174,9 @@ class Trainer:
         ).to(self.device)
         if self.device.type == "cpu":
             model.use_cpu_dropout()
+        # Loading leaves a model in eval mode (no dropout); a Trainer's model trains from the start, so that step()
+        # called on its own (spladectl bench, the benchmarks) runs the step fit() runs.
+        model.train()
         if config.compile:
             problem = model.compile_encoder()
             if problem is not None:

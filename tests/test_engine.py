@@ -245,6 +245,14 @@ def test_out_of_memory_at_micro_batch_one_stops_clearly(tmp_path, pm, registered
         trainer.fit()
 
 
+def test_a_trainer_steps_its_model_in_training_mode_without_fit(tmp_path, pm):
+    # step() on its own is what spladectl bench and the benchmarks time; loading leaves a model in eval mode, where a
+    # step would run without dropout and time a different step from fit()'s.
+    trainer = Trainer(config(tmp_path, max_steps=2), examples(), pm=pm, progress=False)
+    trainer.step()
+    assert all(m.training for m in trainer.state.model.modules())
+
+
 def test_on_a_cpu_device_batches_are_tokenized_in_the_training_thread(tmp_path, pm):
     # A prefetch thread competes with the step's own threads for the cores on a CPU device, which cost more than the
     # tokenizing it hid; accelerators keep it (tests/test_batches.py covers the thread itself).

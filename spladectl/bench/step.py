@@ -72,7 +72,6 @@ class _Run:
         self.trainer = Trainer(config, examples, pm=pm, log=log, progress=False)
         self.pm = pm
         self.state = self.trainer.state
-        self.state.model.train()
 
     def step(self) -> tuple[float, dict[str, Any]]:
         """(seconds, metrics) of one optimizer step, synchronised with the device at both ends."""
