@@ -3,7 +3,7 @@
 On CPU, torch draws dropout masks with `bernoulli_`, one random number per element, then multiplies twice; for a
 2-layer encoder at 256 tokens that made dropout the largest element-wise cost of a training step, most of it on the
 attention probabilities (B × heads × T × T), which also keep SDPA on its unfused math path. Here one 64-bit random
-draw gives four 16-bit keys, each dropping its element with probability p rounded to a multiple of 1/65536, and the
+draw (numpy's SFC64, seeded from torch's generator) gives four 16-bit keys, each dropping its element with probability p rounded to a multiple of 1/65536, and the
 mask and the 1/(1 - p) scale are applied in two passes, with a bool mask saved for backward.
 
 Measured on 10.5 M elements (attention probabilities of 80 texts of 256 tokens, 2 heads), forward and backward,
@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,12 +27,19 @@ _KEYS = 1 << 16  # 16-bit keys: p is rounded to a multiple of 1/65536
 
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A bool tensor of `shape`, each element False with probability round(p · 65536) / 65536, from torch's
-    default generator (so seeds and checkpointed RNG states govern it like any other draw)."""
+    """A bool tensor of `shape`, each element False with probability round(p · 65536) / 65536.
+
+    The bits come from numpy's SFC64 generator seeded by one draw from torch's default generator, so seeds and
+    checkpointed RNG states govern the masks like any other draw. torch's CPU generator (mt19937, one thread) took
+    4.6× as long for the same bits: 8.5 ms against 1.9 ms for the attention probabilities of 32 texts of 256 tokens
+    (4.2 M keys), 2-core AMD EPYC (Zen 4), 2026-12-04. Whole training steps, alternating: 0.96–0.98× the time
+    in float32, 0.996× in bf16.
+    """
     n = math.prod(shape)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    bits = torch.from_numpy(np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n])
     threshold = -(_KEYS // 2) + round(p * _KEYS)
-    return (bits.view(torch.int16)[:n] >= threshold).view(shape)
+    return (bits >= threshold).view(shape).to(device)
 
 
 def apply_mask(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,11 @@ def test_masks_follow_the_seed():
     torch.manual_seed(4)
     c = dropout.keep_mask(torch.Size([64, 33]), 0.1)
     assert torch.equal(a, b) and not torch.equal(a, c)
+    # Each mask draws its seed from torch's generator, so consecutive masks differ and resuming its state resumes them.
+    state = torch.get_rng_state()
+    d, e = dropout.keep_mask(torch.Size([64, 33]), 0.1), dropout.keep_mask(torch.Size([64, 33]), 0.1)
+    torch.set_rng_state(state)
+    assert not torch.equal(d, e) and torch.equal(dropout.keep_mask(torch.Size([64, 33]), 0.1), d)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
